@@ -1,0 +1,12 @@
+"""lowrank_op: products of two thin factors, kept factored.
+
+``FactoredMatrix(A, B)`` is ``A @ B`` as a linear_operator ``LinearOperator`` with
+TransformerLens's ``FactoredMatrix`` surface and decompositions that never form the product.
+"""
+
+from lowrank_op.factored import FactoredMatrix
+from lowrank_op.scores import composition_scores
+
+__version__ = "0.1.0"
+
+__all__ = ["FactoredMatrix", "composition_scores", "__version__"]

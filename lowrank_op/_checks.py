@@ -1,0 +1,87 @@
+"""Argument validation shared by the modules: errors that name the argument and say what to do.
+
+Never ``assert``: these checks must survive ``python -O``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    """Raise ValueError unless ``value`` is one of ``allowed``, naming the set."""
+    if not isinstance(value, str) or value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+
+
+def check_factor(name: str, X: object) -> Tensor:
+    """A factor must be a floating or complex tensor with at least 2 dims."""
+    if not isinstance(X, Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor, got {type(X).__name__}; convert it with "
+            f"torch.as_tensor({name}, dtype=torch.float32)."
+        )
+    if not (X.dtype.is_floating_point or X.dtype.is_complex):
+        raise TypeError(
+            f"`{name}` must have a floating or complex dtype, got {X.dtype}; cast it with "
+            f"{name}.float() (or .double())."
+        )
+    if X.dim() < 2:
+        raise ValueError(
+            f"`{name}` must have at least 2 dims (..., rows, cols), got shape {tuple(X.shape)}; "
+            f"add a dim with {name}.unsqueeze(0) for a single row or unsqueeze(-1) for a column."
+        )
+    return X
+
+
+def check_factors(A: object, B: object) -> torch.Size:
+    """Validate the pair ``(A, B)`` and return the broadcast batch shape."""
+    A = check_factor("A", A)
+    B = check_factor("B", B)
+    if A.dtype != B.dtype:
+        raise TypeError(
+            f"`A` and `B` must have the same dtype, got A {A.dtype} and B {B.dtype}; cast one, "
+            "e.g. B.to(A.dtype)."
+        )
+    if A.device != B.device:
+        raise ValueError(
+            f"`A` and `B` must be on the same device, got A on {A.device} and B on {B.device}; "
+            "move one with .to(device)."
+        )
+    if A.shape[-1] != B.shape[-2]:
+        raise ValueError(
+            f"inner dims differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
+            f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
+        )
+    try:
+        return torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"leading dims do not broadcast: `A` of shape {tuple(A.shape)} has {tuple(A.shape[:-2])}, "
+            f"`B` of shape {tuple(B.shape)} has {tuple(B.shape[:-2])}; index or unsqueeze them so "
+            "they follow torch broadcasting rules."
+        ) from None
+
+
+def as_scalar(name: str, value: object, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A Python number or one-element tensor as a 0-dim tensor of ``dtype``; else an error."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"`{name}` must be a scalar, got a tensor of shape {tuple(value.shape)}. Use `@` for "
+                "matrix products; for an elementwise product form the dense matrix with `.AB`."
+            )
+        value = value.reshape(())
+    elif not isinstance(value, numbers.Number) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a number or a one-element tensor, got {type(value).__name__}.")
+    if (torch.is_complex(value) if isinstance(value, Tensor) else isinstance(value, complex)) and not dtype.is_complex:
+        raise TypeError(
+            f"`{name}` is complex but the FactoredMatrix is {dtype}; convert it first with "
+            ".to(torch.complex64) (or complex128)."
+        )
+    return torch.as_tensor(value, dtype=dtype, device=device)

@@ -1,0 +1,397 @@
+"""``FactoredMatrix``: a product ``A @ B`` kept as its factors, as a linear_operator LinearOperator.
+
+The class validates its factors, implements linear_operator's hooks through the factors, and
+offers TransformerLens's ``FactoredMatrix`` surface under the same names and meanings. The
+numerical work is in :mod:`lowrank_op.kernels`; each method here is a few lines around a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import DenseLinearOperator, LinearOperator
+from torch import Tensor
+
+from lowrank_op import kernels
+from lowrank_op._checks import as_scalar, check_factors
+from lowrank_op._indexing import normalize_index
+
+
+def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to the shape of the factor it belongs to."""
+    extra = grad.dim() - len(shape)
+    if extra:
+        grad = grad.sum(tuple(range(extra)))
+    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class FactoredMatrix(LinearOperator):
+    r"""The matrix ``M = A @ B``, held as its factors and never formed unless asked for.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., ldim, mdim)
+    B : Tensor, shape (..., mdim, rdim)
+        Floating or complex, same dtype and device. Leading dims broadcast (as views; nothing is
+        copied). float16 and bfloat16 factors are held as given; decompositions run in float32
+        and return float32.
+
+    Notes
+    -----
+    Costs, with ``k = min(ldim, mdim, rdim)``:
+
+    ============================  ===============================================
+    ``fm @ x`` (x: rdim x c)      ``O((ldim + rdim) mdim c)``, never ``ldim x rdim``
+    ``svd()``, ``S``              ``O((ldim + rdim) mdim^2 + mdim^3)``
+    ``norm()``                    ``O((ldim + rdim) mdim^2)`` (two Gram matrices)
+    ``eigenvalues``               ``O(ldim mdim^2 + mdim^3)``
+    ``AB`` / ``to_dense()``       ``O(ldim mdim rdim)`` time, ``ldim x rdim`` memory
+    ============================  ===============================================
+
+    The ``@`` operator follows TransformerLens: ``fm @ vector`` is a Tensor, ``fm @ matrix`` and
+    ``matrix @ fm`` are FactoredMatrix objects (whichever inner dim is smaller is kept), and
+    ``fm @ fm`` stays factored. ``fm.matmul``, ``fm.rmatmul`` and ``torch.matmul`` keep
+    linear_operator's contract (a Tensor in gives a Tensor out) so GPyTorch keeps working.
+
+    Results of ``svd()``, ``S`` and ``eigenvalues`` are cached on the instance (not in a global
+    cache, so the instance can be freed); modifying ``A`` or ``B`` in place makes them stale.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lowrank_op import FactoredMatrix
+    >>> fm = FactoredMatrix(torch.randn(1000, 8), torch.randn(8, 1000))
+    >>> fm.shape, fm.S.shape
+    (torch.Size([1000, 1000]), torch.Size([8]))
+    """
+
+    def __init__(self, A: Tensor, B: Tensor):
+        check_factors(A, B)
+        super().__init__(A, B)
+        self._decompositions: dict[str, object] = {}
+
+    # --- linear_operator's required hooks ---------------------------------------------------------
+    def _size(self) -> torch.Size:
+        return torch.Size((*self.batch_shape, self.ldim, self.rdim))
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.A @ (self.B @ rhs)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self.B.mT @ (self.A.mT @ rhs)
+
+    def _transpose_nonbatch(self) -> FactoredMatrix:
+        return FactoredMatrix(self.B.mT, self.A.mT)
+
+    # --- linear_operator's hooks, overridden where the factors make them cheap or right ------------
+    def _aligned(self) -> tuple[Tensor, Tensor]:
+        """``A`` and ``B`` viewed with the same number of leading dims (size-1 where broadcast)."""
+        nb = len(self.batch_shape)
+        A, B = self.A, self.B
+        return A.reshape((1,) * (nb + 2 - A.dim()) + A.shape), B.reshape((1,) * (nb + 2 - B.dim()) + B.shape)
+
+    def _expanded(self) -> tuple[Tensor, Tensor]:
+        """``A`` and ``B`` expanded (as views) to the full batch shape."""
+        bs = self.batch_shape
+        return self.A.expand(*bs, *self.A.shape[-2:]), self.B.expand(*bs, *self.B.shape[-2:])
+
+    def _expand_batch(self, batch_shape: torch.Size) -> FactoredMatrix:
+        bs = tuple(batch_shape)
+        return FactoredMatrix(self.A.expand(*bs, *self.A.shape[-2:]), self.B.expand(*bs, *self.B.shape[-2:]))
+
+    def _unsqueeze_batch(self, dim: int) -> FactoredMatrix:
+        A, B = self._aligned()
+        return FactoredMatrix(A.unsqueeze(dim), B.unsqueeze(dim))
+
+    def _permute_batch(self, *dims: int) -> FactoredMatrix:
+        A, B = self._aligned()
+        order = (*dims, len(dims), len(dims) + 1)
+        return FactoredMatrix(A.permute(order), B.permute(order))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> FactoredMatrix:
+        A, B = self._expanded()
+        if batch_indices:
+            A, B = A[batch_indices], B[batch_indices]
+        return FactoredMatrix(A[..., row_index, :], B[..., col_index])
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        A, B = self._expanded()
+        rows = A[(*batch_indices, row_index)]  # (..., mdim)
+        cols = B.mT[(*batch_indices, col_index)]  # (..., mdim)
+        return (rows * cols).sum(-1)
+
+    def _diagonal(self) -> Tensor:
+        return kernels.diagonal(self.A, self.B)
+
+    def _mul_constant(self, other: float | Tensor) -> FactoredMatrix:
+        other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
+        if other.dim():  # a batch of constants, shape batch_shape
+            other = other[..., None, None]
+        return FactoredMatrix(self.A * other, self.B)
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
+        # d/dA sum_i u_i^T A B v_i = U (B V)^T and d/dB = (A^T U) V^T, summed to each factor's shape.
+        if left_vecs.dim() == 1:
+            left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
+        grads = []
+        if self.A.requires_grad:
+            grads.append(_sum_to_shape(left_vecs @ (self.B @ right_vecs).mT, self.A.shape))
+        else:
+            grads.append(None)
+        if self.B.requires_grad:
+            grads.append(_sum_to_shape((self.A.mT @ left_vecs) @ right_vecs.mT, self.B.shape))
+        else:
+            grads.append(None)
+        return tuple(grads)
+
+    def _set_requires_grad(self, val: bool) -> None:
+        self._decompositions.clear()
+        super()._set_requires_grad(val)
+
+    def _svd(self) -> tuple[LinearOperator, Tensor, LinearOperator]:
+        U, S, V = self.svd()
+        return DenseLinearOperator(U), S, DenseLinearOperator(V)
+
+    def _symeig(self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False):
+        self._require_square("eigh/eigvalsh")
+        evals, evecs = kernels.symeig(self.A, self.B, eigenvectors=eigenvectors)
+        return evals, (DenseLinearOperator(evecs) if evecs is not None else None)
+
+    def to_dense(self) -> Tensor:
+        """The dense product ``A @ B``, shape ``(..., ldim, rdim)``: costly, and not cached."""
+        return self.A @ self.B
+
+    # --- the TransformerLens surface --------------------------------------------------------------
+    @property
+    def A(self) -> Tensor:
+        """The left factor, shape ``(..., ldim, mdim)``."""
+        return self._args[0]
+
+    @property
+    def B(self) -> Tensor:
+        """The right factor, shape ``(..., mdim, rdim)``."""
+        return self._args[1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2])
+
+    @property
+    def ldim(self) -> int:
+        return self.A.shape[-2]
+
+    @property
+    def mdim(self) -> int:
+        return self.A.shape[-1]
+
+    @property
+    def rdim(self) -> int:
+        return self.B.shape[-1]
+
+    @property
+    def pair(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)``."""
+        return self.A, self.B
+
+    @property
+    def AB(self) -> Tensor:
+        """The dense product, shape ``(..., ldim, rdim)``: expensive in time and memory."""
+        return self.to_dense()
+
+    @property
+    def BA(self) -> Tensor:
+        """The reverse product ``B @ A``, shape ``(..., mdim, mdim)``; needs ``ldim == rdim``."""
+        self._require_square("BA")
+        return self.B @ self.A
+
+    @property
+    def T(self) -> FactoredMatrix:
+        """The transpose of the last two dims, for any number of leading dims: ``(B^T, A^T)``."""
+        return self._transpose_nonbatch()
+
+    def _require_square(self, what: str) -> None:
+        if self.ldim != self.rdim:
+            raise ValueError(
+                f"{what} needs a square product (ldim == rdim); this FactoredMatrix has shape "
+                f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim})."
+            )
+
+    def _cached(self, key: str, compute):
+        if key not in self._decompositions:
+            self._decompositions[key] = compute()
+        return self._decompositions[key]
+
+    def svd(self, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+        """Thin SVD through the factors: ``(U, S, Vh)`` with ``U @ diag(S) @ Vh.mH == AB``.
+
+        As in TransformerLens, ``Vh`` is the transpose of the usual Vh: the right singular
+        vectors as columns.
+
+        Parameters
+        ----------
+        method : {"auto", "householder", "cholqr2"}
+            How the factors are orthogonalised. ``"auto"`` uses CholeskyQR2 on factors with at
+            least ``kernels.CHOLQR2_MIN_ASPECT`` rows per column and falls back to Householder QR
+            by itself if CholeskyQR2 fails (rank-deficient or ill-conditioned factors);
+            Householder otherwise. ``"cholqr2"`` raises RuntimeError instead of falling back.
+
+        Returns
+        -------
+        U : Tensor, shape (..., ldim, k)
+        S : Tensor, shape (..., k)
+            Real, descending; ``k = min(ldim, mdim, rdim)``.
+        Vh : Tensor, shape (..., rdim, k)
+
+        Notes
+        -----
+        QR of ``A`` and of ``B^H``, then the SVD of the small ``R_A R_B^H`` core; see
+        :func:`lowrank_op.kernels.svd`. Cost ``O((ldim + rdim) mdim^2 + mdim^3)``. Gradients flow
+        through all three outputs; through ``U`` and ``Vh`` they are undefined at repeated
+        singular values. 16-bit factors give float32 results.
+        """
+        return self._cached(f"svd:{method}", lambda: kernels.svd(self.A, self.B, method=method))
+
+    def svdvals(self, method: str = "auto") -> Tensor:
+        """Singular values, shape ``(..., k)``, descending, without forming U or V."""
+        if f"svd:{method}" in self._decompositions:
+            return self._decompositions[f"svd:{method}"][1]
+        return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self.A, self.B, method=method))
+
+    @property
+    def U(self) -> Tensor:
+        """Left singular vectors, shape ``(..., ldim, k)``."""
+        return self.svd()[0]
+
+    @property
+    def S(self) -> Tensor:
+        """Singular values, shape ``(..., k)``, descending (values-only path)."""
+        return self.svdvals()
+
+    @property
+    def Vh(self) -> Tensor:
+        """Right singular vectors as columns, shape ``(..., rdim, k)`` (TransformerLens's Vh)."""
+        return self.svd()[2]
+
+    @property
+    def V(self) -> Tensor:
+        """The same tensor as :attr:`Vh`: right singular vectors as columns."""
+        return self.Vh
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues of the square product, complex, shape ``(..., mdim)``, by descending modulus.
+
+        From the ``mdim x mdim`` ``B @ A`` (which shares ``A @ B``'s non-zero eigenvalues); when
+        ``mdim > ldim``, the ``mdim - ldim`` extra ones are exact zeros. Raises ValueError unless
+        ``ldim == rdim``. See :func:`lowrank_op.kernels.eigvals`.
+        """
+        self._require_square("eigenvalues")
+        return self._cached("eigvals", lambda: kernels.eigvals(self.A, self.B))
+
+    def norm(self, method: str = "auto") -> Tensor:
+        """Frobenius norm, shape ``(...)``, from two ``mdim x mdim`` Gram matrices (no SVD).
+
+        ``method`` is one of ``"auto"``, ``"gram"``, ``"qr"``; see
+        :func:`lowrank_op.kernels.frobenius_norm` for the ``"auto"`` rule.
+        """
+        return kernels.frobenius_norm(self.A, self.B, method=method)
+
+    def trace(self) -> Tensor:
+        """Trace of the square product, shape ``(...)``, cost ``O(ldim mdim)``."""
+        self._require_square("trace")
+        return kernels.trace(self.A, self.B)
+
+    def make_even(self) -> FactoredMatrix:
+        """The same matrix as ``(U sqrt(S), sqrt(S) Vh^H)``: inner dim k, balanced factors."""
+        U, S, Vh = self.svd()
+        root = S.sqrt()
+        return FactoredMatrix(U * root[..., None, :].to(U.dtype), root[..., :, None].to(Vh.dtype) * Vh.mH)
+
+    def collapse_l(self) -> Tensor:
+        """``diag(S) Vh^H``, shape ``(..., k, rdim)``: the matrix with its left orthogonal factor removed."""
+        _, S, Vh = self.svd()
+        return S[..., :, None].to(Vh.dtype) * Vh.mH
+
+    def collapse_r(self) -> Tensor:
+        """``U diag(S)``, shape ``(..., ldim, k)``: the matrix with its right orthogonal factor removed."""
+        U, S, _ = self.svd()
+        return U * S[..., None, :].to(U.dtype)
+
+    def get_corner(self, k: int = 3) -> Tensor:
+        """The top-left ``k`` entries of every dim (leading dims too) of the product, as a Tensor."""
+        corner = self.A[..., :k, :] @ self.B[..., :, :k]
+        return corner[tuple(slice(k) for _ in range(corner.dim()))]
+
+    # --- operators ---------------------------------------------------------------------------------
+    def __matmul__(self, other):
+        if isinstance(other, FactoredMatrix):
+            self._check_operand(other.ldim, self.rdim, "rows", other)
+            core = self.B @ other.A  # (..., mdim, other.mdim)
+            if other.mdim <= self.mdim:
+                return FactoredMatrix(self.A @ core, other.B)
+            return FactoredMatrix(self.A, core @ other.B)
+        if isinstance(other, Tensor) and other.dim() >= 2:
+            self._check_operand(other.shape[-2], self.rdim, "rows", other)
+            if self.rdim > self.mdim:
+                return FactoredMatrix(self.A, self.B @ other)
+            return FactoredMatrix(self.to_dense(), other)
+        if isinstance(other, Tensor):
+            self._check_operand(other.shape[-1], self.rdim, "entries", other)
+            return self.A @ (self.B @ other)
+        return super().__matmul__(other)
+
+    def __rmatmul__(self, other):
+        if isinstance(other, Tensor) and other.dim() >= 2:
+            self._check_operand(other.shape[-1], self.ldim, "columns", other)
+            if self.ldim > self.mdim:
+                return FactoredMatrix(other @ self.A, self.B)
+            return FactoredMatrix(other, self.to_dense())
+        if isinstance(other, Tensor):
+            self._check_operand(other.shape[-1], self.ldim, "entries", other)
+            return (other @ self.A) @ self.B
+        return super().__rmatmul__(other)
+
+    def matmul(self, other):
+        """linear_operator's contract: Tensor in, Tensor out; a FactoredMatrix stays factored."""
+        if isinstance(other, FactoredMatrix):
+            return self @ other
+        return super().matmul(other)
+
+    def _check_operand(self, got: int, want: int, what: str, other: Tensor) -> None:
+        if got != want:
+            raise ValueError(
+                f"shapes do not match for a product: FactoredMatrix of shape {tuple(self.shape)} "
+                f"and operand of shape {tuple(other.shape)}, which needs {want} {what}."
+            )
+
+    def __mul__(self, other) -> FactoredMatrix:
+        return FactoredMatrix(self.A * as_scalar("other", other, self.dtype, self.device), self.B)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other) -> FactoredMatrix:
+        return FactoredMatrix(self.A / as_scalar("other", other, self.dtype, self.device), self.B)
+
+    def __neg__(self) -> FactoredMatrix:
+        return FactoredMatrix(-self.A, self.B)
+
+    def __getitem__(self, index):
+        new_dims, index = normalize_index(index, self.shape)
+        target = self
+        for dim in new_dims:
+            target = target._unsqueeze_batch(dim)
+        return LinearOperator.__getitem__(target, index)
+
+    def __iter__(self):
+        if self.dim() == 2:
+            raise TypeError(
+                "iteration over a 2-D FactoredMatrix is not supported (it would yield rows one by "
+                "one); index rows explicitly, e.g. fm[i], or form the matrix with .AB."
+            )
+        return (self[i] for i in range(self.shape[0]))
+
+    def __repr__(self) -> str:
+        return (
+            f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
