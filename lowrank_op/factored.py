@@ -390,6 +390,12 @@ class FactoredMatrix(LinearOperator):
             )
         return (self[i] for i in range(self.shape[0]))
 
+    def __getstate__(self) -> dict:
+        # Cached decompositions may hold autograd graphs, which do not pickle; they are recomputed.
+        state = self.__dict__.copy()
+        state["_decompositions"] = {}
+        return state
+
     def __repr__(self) -> str:
         return (
             f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim}, dtype={self.dtype}, "

@@ -186,6 +186,7 @@ def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Ten
     16-bit inputs are computed and returned in float32. Gradients through ``U`` and ``V`` are
     undefined at repeated singular values (torch raises or returns non-finite values there).
     """
+    check_choice("method", method, ORTHO_METHODS)
     A, B = _promote(A, B)
     Q_A, C, Q_B = _core(A, B, method, want_bases=True)
     U_c, _, Vh_c = torch.linalg.svd(C, full_matrices=False)
@@ -201,6 +202,7 @@ def svdvals(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
     As :func:`svd` but never forms ``Q``, ``U`` or ``V``: cost ``O((ldim + rdim) mdim^2 + mdim^3)``
     with a smaller constant.
     """
+    check_choice("method", method, ORTHO_METHODS)
     A, B = _promote(A, B)
     _, C, _ = _core(A, B, method, want_bases=False)
     return torch.linalg.svdvals(C)

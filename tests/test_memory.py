@@ -1,0 +1,81 @@
+"""The factored paths never allocate anything the size of ``A @ B``.
+
+A TorchDispatchMode sees every tensor each aten op produces; the largest one must stay within a
+small multiple of the factors' size. Deterministic, unlike a reading of the process's memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lowrank_op import FactoredMatrix
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
+                self.largest, self.op = leaf.numel(), func
+        return out
+
+
+LDIM, MDIM, RDIM = 1500, 6, 1200
+
+OPERATIONS = {
+    "svd": lambda fm: fm.svd(),
+    "svd_householder": lambda fm: fm.svd(method="householder"),
+    "S": lambda fm: fm.S,
+    "norm_gram": lambda fm: fm.norm(method="gram"),
+    "norm_qr": lambda fm: fm.norm(method="qr"),
+    "make_even": lambda fm: fm.make_even(),
+    "collapse_l": lambda fm: fm.collapse_l(),
+    "matvec": lambda fm: fm @ torch.randn(RDIM, dtype=fm.dtype),
+    "matmul_tensor": lambda fm: fm.matmul(torch.randn(RDIM, 3, dtype=fm.dtype)),
+    "lazy_matmul": lambda fm: fm @ torch.randn(RDIM, 50, dtype=fm.dtype),
+    "rows": lambda fm: fm[10:20],
+    "elements": lambda fm: fm[torch.arange(5), torch.arange(5)],
+    "transpose": lambda fm: fm.T,
+    "get_corner": lambda fm: fm.get_corner(3),
+}
+
+SQUARE_OPERATIONS = {
+    "eigenvalues": lambda fm: fm.eigenvalues,
+    "trace": lambda fm: fm.trace(),
+    "diagonal": lambda fm: fm.diagonal(),
+    "eigvalsh": lambda fm: torch.linalg.eigvalsh(FactoredMatrix(fm.A, fm.A.mT)),
+}
+
+
+def _largest(fm: FactoredMatrix, operation) -> tuple[int, object]:
+    with _LargestAllocation() as mode:
+        operation(fm)
+    return mode.largest, mode.op
+
+
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+def test_rectangular_paths_stay_factor_sized(name):
+    fm = FactoredMatrix(torch.randn(LDIM, MDIM, dtype=torch.float64), torch.randn(MDIM, RDIM, dtype=torch.float64))
+    largest, op = _largest(fm, OPERATIONS[name])
+    assert largest <= 2 * max(LDIM, RDIM) * max(MDIM, 50), f"{name}: {op} made {largest} elements"
+
+
+@pytest.mark.parametrize("name", sorted(SQUARE_OPERATIONS))
+def test_square_paths_stay_factor_sized(name):
+    fm = FactoredMatrix(torch.randn(LDIM, MDIM, dtype=torch.float64), torch.randn(MDIM, LDIM, dtype=torch.float64))
+    largest, op = _largest(fm, SQUARE_OPERATIONS[name])
+    assert largest <= 2 * LDIM * MDIM, f"{name}: {op} made {largest} elements"
+
+
+def test_the_check_catches_a_densifying_path():
+    fm = FactoredMatrix(torch.randn(LDIM, MDIM), torch.randn(MDIM, RDIM))
+    largest, _ = _largest(fm, lambda fm: fm.AB)
+    assert largest == LDIM * RDIM
