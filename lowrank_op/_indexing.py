@@ -1,7 +1,9 @@
 """Index normalisation for FactoredMatrix: bounds, ``None``, ``...`` and lists, before indexing.
 
 linear_operator's ``__getitem__`` handles ints, slices, tensors and one ``...``; this module turns
-everything else a torch user writes into that form, or raises ``IndexError`` where torch would.
+everything else a torch user writes into that form, or raises ``IndexError`` where torch would, and
+where the result could not be held as two factors (a multi-dim tensor index on the rows or the
+columns alone).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def _as_index_tensor(item: Sequence | Tensor, size: int, dim: int) -> Tensor:
 
 
 def _check_int(item: int, size: int, dim: int) -> int:
+    """Bounds-check an int index and make it non-negative (linear_operator turns a row or column
+    int ``i`` into ``slice(i, i + 1)``, which is empty for ``i = -1``)."""
     if not -size <= item < size:
         raise IndexError(f"index {item} is out of range for dim {dim} of size {size}.")
-    return item
+    return item + size if item < 0 else item
 
 
 def normalize_index(index: object, shape: torch.Size) -> tuple[tuple[int, ...], tuple]:
@@ -91,4 +95,26 @@ def normalize_index(index: object, shape: torch.Size) -> tuple[tuple[int, ...], 
                     "tensors, `...` or `None`."
                 )
         dim += 1
+    _check_matrix_tensor_indices(out)
     return tuple(new_dims), tuple(out)
+
+
+def _check_matrix_tensor_indices(index: list) -> None:
+    """Reject a multi-dim tensor index on the row or column dim unless it selects elements.
+
+    A tensor on the rows (or columns) alone keeps the matrix form, and a multi-dim one would put its
+    extra dims between the batch and matrix dims (or after them), which two factors cannot hold.
+    With tensors on both rows and columns, or on a batch dim too, elements are gathered instead and
+    any tensor shape is fine.
+    """
+    *batch, row, col = index
+    on_matrix = [isinstance(item, Tensor) for item in (row, col)]
+    if all(on_matrix) or (any(on_matrix) and any(isinstance(item, Tensor) for item in batch)):
+        return
+    for name, item in (("row", row), ("column", col)):
+        if isinstance(item, Tensor) and item.dim() > 1:
+            raise IndexError(
+                f"a tensor index on the {name} dim of a FactoredMatrix must be 1-D, got shape "
+                f"{tuple(item.shape)}; index with `idx.reshape(-1)` and reshape the result, or form "
+                "the matrix with `.AB`."
+            )

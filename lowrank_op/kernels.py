@@ -308,7 +308,8 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
     Raises
     ------
     ValueError
-        When ``A @ B`` is not Hermitian to within ``sqrt(eps) * |A|_F |B|_F``.
+        When ``A @ B`` is not Hermitian to within ``sqrt(eps) * |A|_F |B|_F``, ``eps`` of the
+        input dtype.
 
     Notes
     -----
@@ -317,6 +318,7 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
     ``T`` plus zeros. Cost ``O(n mdim^2 + mdim^3)`` for values; vectors add a complete QR of ``A``
     (``O(n^2 mdim)`` and an ``n x n`` output).
     """
+    tol = torch.finfo(A.dtype).eps ** 0.5  # of the input dtype: 16-bit products are symmetric only to 16 bits
     A, B = _promote(A, B)
     n, mdim = A.shape[-2:]
     if mdim >= n:
@@ -328,7 +330,6 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
         Q, R_A = Q_full[..., :mdim], R[..., :mdim, :]
         T = R_A @ (B @ Q)
     scale = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
-    tol = torch.finfo(scale.dtype).eps ** 0.5
     defect = _hermitian_defect(T, R_A, B, Q)
     if not bool((defect <= tol * scale).all()):
         worst = float((defect / scale.clamp_min(torch.finfo(scale.dtype).tiny)).max())

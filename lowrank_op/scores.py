@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lowrank_op.factored import FactoredMatrix
@@ -22,6 +23,14 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
     Returns
     -------
     Tensor, shape (*left_leading, *right_leading) or the broadcast leading shape
+
+    Raises
+    ------
+    TypeError
+        When ``left`` or ``right`` is not a FactoredMatrix.
+    ValueError
+        When ``left.rdim != right.ldim``, or, with ``broadcast_dims=False``, when the leading dims
+        do not broadcast.
 
     Notes
     -----
@@ -45,4 +54,13 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
             right = right.unsqueeze(i)
         for i in range(n_right):
             left = left.unsqueeze(n_left + i)
+    else:
+        try:
+            torch.broadcast_shapes(left.batch_shape, right.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"with `broadcast_dims=False` the leading dims must broadcast; got `left` of shape "
+                f"{tuple(left.shape)} and `right` of shape {tuple(right.shape)}. Pass "
+                "`broadcast_dims=True` to pair every leading index of `left` with every one of `right`."
+            ) from None
     return (left @ right).norm() / (left.norm() * right.norm())
