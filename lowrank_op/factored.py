@@ -326,6 +326,9 @@ class FactoredMatrix(LinearOperator):
     def __matmul__(self, other):
         if isinstance(other, FactoredMatrix):
             self._check_operand(other.ldim, self.rdim, "rows", other)
+            if self.rdim < min(self.mdim, other.mdim):
+                # Both dense products are no larger than the factors they come from.
+                return FactoredMatrix(self.to_dense(), other.to_dense())
             core = self.B @ other.A  # (..., mdim, other.mdim)
             if other.mdim <= self.mdim:
                 return FactoredMatrix(self.A @ core, other.B)
@@ -336,8 +339,9 @@ class FactoredMatrix(LinearOperator):
                 return FactoredMatrix(self.A, self.B @ other)
             return FactoredMatrix(self.to_dense(), other)
         if isinstance(other, Tensor):
-            self._check_operand(other.shape[-1], self.rdim, "entries", other)
-            return self.A @ (self.B @ other)
+            self._check_operand(other.shape[-1] if other.dim() else None, self.rdim, "entries", other)
+            # As a column, so that batched factors broadcast as they do in torch.matmul.
+            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         return super().__matmul__(other)
 
     def __rmatmul__(self, other):
@@ -347,8 +351,8 @@ class FactoredMatrix(LinearOperator):
                 return FactoredMatrix(other @ self.A, self.B)
             return FactoredMatrix(other, self.to_dense())
         if isinstance(other, Tensor):
-            self._check_operand(other.shape[-1], self.ldim, "entries", other)
-            return (other @ self.A) @ self.B
+            self._check_operand(other.shape[-1] if other.dim() else None, self.ldim, "entries", other)
+            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
         return super().__rmatmul__(other)
 
     def matmul(self, other):
@@ -357,12 +361,21 @@ class FactoredMatrix(LinearOperator):
             return self @ other
         return super().matmul(other)
 
-    def _check_operand(self, got: int, want: int, what: str, other: Tensor) -> None:
+    def _check_operand(self, got: int | None, want: int, what: str, other: Tensor | LinearOperator) -> None:
         if got != want:
+            hint = " Use `*` to multiply by a scalar." if other.dim() == 0 else ""
             raise ValueError(
                 f"shapes do not match for a product: FactoredMatrix of shape {tuple(self.shape)} "
-                f"and operand of shape {tuple(other.shape)}, which needs {want} {what}."
+                f"and operand of shape {tuple(other.shape)}, which needs {want} {what}.{hint}"
             )
+        try:
+            torch.broadcast_shapes(self.batch_shape, other.shape[:-2])
+        except RuntimeError:
+            raise ValueError(
+                f"leading dims do not broadcast in a product: FactoredMatrix of shape "
+                f"{tuple(self.shape)} and operand of shape {tuple(other.shape)}; index or unsqueeze "
+                "one of them so they follow torch broadcasting rules."
+            ) from None
 
     def __mul__(self, other) -> FactoredMatrix:
         return FactoredMatrix(self.A * as_scalar("other", other, self.dtype, self.device), self.B)
@@ -395,6 +408,112 @@ class FactoredMatrix(LinearOperator):
         state = self.__dict__.copy()
         state["_decompositions"] = {}
         return state
+
+    # --- sums, diagonals and solves (lowrank_op.woodbury) ---
+    def __add__(self, other):
+        """``self + other``: stays structured where it can (see :func:`lowrank_op.added_diag.add`).
+
+        A FactoredMatrix gives one FactoredMatrix with concatenated factors (inner dims add,
+        leading dims broadcast); a ``DiagLinearOperator`` gives a
+        :class:`~lowrank_op.added_diag.FactoredAddedDiag` (Woodbury solves); a Tensor or any other
+        operator gives linear_operator's lazy sum.
+        """
+        from lowrank_op import added_diag
+
+        result = added_diag.add(self, other)
+        return super().__add__(other) if result is NotImplemented else result
+
+    def __sub__(self, other):
+        """``self - other``; as :meth:`__add__` with ``-other``."""
+        return self + (-other) if isinstance(other, FactoredMatrix) else super().__sub__(other)
+
+    def add_diagonal(self, diag: Tensor):
+        """``A @ B + diag(diag)`` as a :class:`~lowrank_op.added_diag.FactoredAddedDiag` (Woodbury solves).
+
+        ``diag`` has shape ``(..., n)``, ``(..., 1)`` or ``()`` (the last two give a constant
+        diagonal); the product must be square. Cost ``O(1)``: nothing is factorised until a solve.
+        """
+        from lowrank_op import added_diag
+
+        return added_diag.add_diagonal(self, diag)
+
+    def add_jitter(self, jitter_val: float = 1e-3):
+        """``A @ B + jitter_val * I`` as a :class:`~lowrank_op.added_diag.FactoredAddedDiag`."""
+        return self.add_diagonal(torch.tensor(jitter_val, dtype=self.dtype, device=self.device))
+
+    def pinv(self, rtol: float | None = None, atol: float = 0.0) -> FactoredMatrix:
+        """The Moore-Penrose pseudo-inverse ``V diag(1/S) U^H``, truncated, as a FactoredMatrix.
+
+        Parameters
+        ----------
+        rtol, atol : float
+            Singular values at most ``max(atol, rtol * S_max)`` are dropped, as in
+            ``torch.linalg.pinv``; ``rtol=None`` means ``max(ldim, rdim) * eps`` when ``atol`` is 0.
+
+        Returns
+        -------
+        FactoredMatrix, shape (..., rdim, ldim)
+            Inner dim ``r``, the number of kept singular values (the largest over the batch; other
+            members get zero columns).
+
+        Notes
+        -----
+        From the cached factored SVD (:meth:`svd`): ``O((ldim + rdim) mdim^2 + mdim^3)``, nothing
+        ``ldim x rdim`` formed. See :func:`lowrank_op.woodbury.pinv_factors`.
+        """
+        from lowrank_op import woodbury
+
+        return FactoredMatrix(*woodbury.pinv_factors(*self.svd(), rtol=rtol, atol=atol))
+
+    def lstsq(self, right_tensor: Tensor, rtol: float | None = None, atol: float = 0.0) -> Tensor:
+        """The minimum-norm least-squares solution ``pinv(A @ B) @ right_tensor``.
+
+        Parameters
+        ----------
+        right_tensor : Tensor, shape (..., ldim, k) or (ldim,)
+        rtol, atol : float
+            As for :meth:`pinv`.
+
+        Returns
+        -------
+        Tensor, shape (..., rdim, k) or (rdim,)
+            Cost ``O((ldim + rdim) (mdim^2 + mdim k) + mdim^3)``; see :func:`lowrank_op.woodbury.lstsq`.
+        """
+        from lowrank_op import added_diag
+
+        return added_diag.lstsq_product(self, right_tensor, rtol, atol)
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        """``(A @ B)^{-1} right_tensor`` for a square, full-rank product (``mdim >= ldim``).
+
+        Parameters
+        ----------
+        right_tensor : Tensor, shape (..., n, k) or (n,)
+        left_tensor : Tensor, shape (..., o, n), optional
+            If given, ``left_tensor @ (A @ B)^{-1} right_tensor`` is returned.
+
+        Returns
+        -------
+        Tensor, shape (..., n, k), (n,) or (..., o, k)
+
+        Raises
+        ------
+        ValueError
+            The product is not square, or ``mdim < ldim`` (rank-deficient, so singular): use
+            :meth:`lstsq` or :meth:`pinv`.
+        RuntimeError
+            The product is exactly singular (a zero pivot); an ill-conditioned one gives an
+            :class:`~lowrank_op.woodbury.IllConditionedWarning`.
+
+        Notes
+        -----
+        With ``mdim >= n`` the ``n x n`` product is no larger than ``A``, so it is formed and
+        LU-factorised: ``O(n^2 mdim + n^3)``; no CG, so non-symmetric products are solved
+        correctly. See :func:`lowrank_op.woodbury.product_solve`.
+        """
+        from lowrank_op import added_diag
+
+        return added_diag.solve_product(self, right_tensor, left_tensor)
 
     def __repr__(self) -> str:
         return (

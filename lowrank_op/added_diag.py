@@ -1,0 +1,459 @@
+"""``A @ B + diag(d)`` as a linear_operator, solved by the Woodbury identity; sums of FactoredMatrix.
+
+:class:`FactoredAddedDiag` is what ``fm + diag``, ``diag + fm``, ``fm.add_diagonal(d)`` and
+``fm.add_jitter(v)`` return for a square :class:`~lowrank_op.FactoredMatrix` ``fm``. Its ``solve``,
+``logdet``, ``slogdet``, ``inv_quad`` and ``inv_quad_logdet`` go through the ``mdim x mdim``
+capacitance matrix (:mod:`lowrank_op.woodbury`): exact, ``O(n mdim^2 + mdim^3)``, right for
+non-symmetric ``A @ B``, differentiable by ordinary autograd, and never CG or Lanczos.
+
+The ``diag + fm`` order
+-----------------------
+Python evaluates ``diag + fm`` as ``DiagLinearOperator.__add__(diag, fm)``, which linear_operator
+implements as ``AddedDiagLinearOperator(fm, diag)`` without consulting ``fm`` (there is no
+``NotImplemented`` return that would reach ``FactoredMatrix.__radd__``, and no registration hook).
+Importing :mod:`lowrank_op` therefore wraps, once and idempotently, the ``__add__`` that
+``DiagLinearOperator`` and ``ConstantDiagLinearOperator`` each define: the wrapper sends a
+``FactoredMatrix`` operand to :class:`FactoredAddedDiag` and passes every other operand to the
+original method unchanged (so ``diag + dense``, ``diag + tensor`` and ``diag + diag`` behave exactly as
+before). ``diag - fm``, ``diag.add(fm)`` and ``torch.add(diag, fm)`` reach the same wrapper.
+:func:`uninstall_diag_hook` restores the originals.
+
+Why a subclass of ``AddedDiagLinearOperator``
+---------------------------------------------
+GPyTorch (its likelihoods, prediction strategies and ``evaluate_kernel``) recognises
+``AddedDiagLinearOperator`` and reads its ``_linear_op`` and ``_diag_tensor``; the subclass keeps all
+of that, and inherits ``matmul``, ``diagonal``, indexing, batching and ``_args`` reconstruction
+(``representation_tree``, ``clone``, ``detach``, ``.to``, pickling). It overrides the solves and
+determinants, and ``_svd`` (the inherited one assumes a symmetric operator). linear_operator's
+``LowRankRootAddedDiagLinearOperator`` is not reused for ``B = A^T``: its Cholesky adds jitter
+silently (``psd_safe_cholesky``) and it accepts only a ``LowRankRootLinearOperator``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    DenseLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    SumBatchLinearOperator,
+)
+from torch import Tensor
+
+from lowrank_op import woodbury
+from lowrank_op.factored import FactoredMatrix
+
+_ADVICE = "Add a larger diagonal (e.g. `add_jitter`), or use float64."
+
+
+class FactoredAddedDiag(AddedDiagLinearOperator):
+    r"""``M = A @ B + D``: a square FactoredMatrix plus a diagonal, solved by the Woodbury identity.
+
+    Usually made by ``fm + diag``, ``diag + fm``, ``fm.add_diagonal(d)`` or ``fm.add_jitter(v)``.
+
+    Parameters
+    ----------
+    *linear_ops : FactoredMatrix and DiagLinearOperator, in either order
+        ``fm`` of shape ``(..., n, n)`` (factors ``A`` ``(..., n, mdim)``, ``B`` ``(..., mdim, n)``)
+        and a ``DiagLinearOperator`` (or ``ConstantDiagLinearOperator``) of shape ``(..., n, n)``
+        and the same dtype; leading dims broadcast.
+    preconditioner_override : callable, optional
+        Passed to ``AddedDiagLinearOperator``; used only by linear_operator's generic CG, which this
+        class does not call.
+
+    Notes
+    -----
+    With the capacitance matrix ``C = I + B D^{-1} A`` (``mdim x mdim``)::
+
+        M^{-1} = D^{-1} - D^{-1} A C^{-1} B D^{-1}     (Woodbury)
+        det M  = det D * det C                          (matrix determinant lemma)
+
+    ============================================  ===================================
+    first solve / logdet (factorises ``C``)       ``O(n mdim^2 + mdim^3)``
+    each further solve with ``k`` columns         ``O(n mdim k + mdim^2 k)``
+    ============================================  ===================================
+
+    *Which factorisation.* Cholesky of ``I + A^H D^{-1} A`` when the operator is Hermitian positive
+    definite by :func:`lowrank_op.woodbury.is_hermitian_pair`: ``d`` real and positive, and ``B`` is
+    the view ``A.mH`` / ``A.mT`` (e.g. ``FactoredMatrix(A, A.mT)``), or equals it exactly when no
+    gradient is recorded. LU with partial pivoting otherwise, which is right for any ``A @ B``.
+
+    *Singular and ill-conditioned operators.* A zero or non-finite diagonal entry raises
+    RuntimeError in every solve and determinant (Woodbury needs ``D^{-1}``). A capacitance matrix
+    with an exact zero pivot (``M`` singular) makes solves and inverse quadratic forms raise
+    RuntimeError, and ``logdet`` return ``-inf`` (as ``torch.logdet`` does). When the estimated
+    1-norm condition number of ``C`` exceeds ``1/eps`` (:data:`lowrank_op.woodbury.ILL_CONDITIONED_RCOND`),
+    an :class:`~lowrank_op.woodbury.IllConditionedWarning` reports the estimate.
+
+    *Sign of the determinant.* ``logdet`` follows ``torch.logdet``: NaN where the determinant of a
+    real operator is negative (possible when ``A @ B`` is not positive definite or ``d`` has
+    negative entries). :meth:`slogdet` returns the sign and ``log|det|``.
+
+    The factorisation is cached on the instance when no gradient is being recorded, keyed on the
+    factors' in-place version counters (in-place edits invalidate it); with gradients it is
+    recomputed per call, so each result has its own autograd graph.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lowrank_op import FactoredMatrix
+    >>> A, B = torch.randn(500, 8, dtype=torch.float64), torch.randn(8, 500, dtype=torch.float64)
+    >>> op = FactoredMatrix(A, B).add_diagonal(torch.full((500,), 2.0, dtype=torch.float64))
+    >>> x = op.solve(torch.ones(500, dtype=torch.float64))
+    >>> bool(torch.allclose(op @ x, torch.ones(500, dtype=torch.float64)))
+    True
+    """
+
+    def __init__(self, *linear_ops: LinearOperator, preconditioner_override=None):
+        _check_operands(linear_ops)
+        super().__init__(*linear_ops, preconditioner_override=preconditioner_override)
+        self._woodbury_cache: tuple[tuple, woodbury.WoodburyFactor] | None = None
+
+    @property
+    def factored(self) -> FactoredMatrix:
+        """The low-rank part ``A @ B``."""
+        return self._linear_op
+
+    def _factorization(self) -> woodbury.WoodburyFactor:
+        tensors = self.representation()
+        key = tuple((id(t), t._version) for t in tensors)
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if not recording and self._woodbury_cache is not None and self._woodbury_cache[0] == key:
+            return self._woodbury_cache[1]
+        A, B, d = self._linear_op.A, self._linear_op.B, self._diag_tensor._diagonal()
+        factor = woodbury.factorize(A, B, d, woodbury.is_hermitian_pair(A, B, d))
+        self._woodbury_cache = None if recording else (key, factor)
+        return factor
+
+    def _set_requires_grad(self, val: bool) -> None:
+        self._woodbury_cache = None
+        super()._set_requires_grad(val)
+
+    def _warning(self, factor: woodbury.WoodburyFactor) -> str | None:
+        # Exactly singular members are not "ill-conditioned": solves raise, logdet is -inf.
+        cond = factor.cond.masked_fill(factor.singular, 0)
+        return woodbury.ill_conditioned_message(
+            "the capacitance matrix I + B D^{-1} A of A @ B + D", cond, factor.factor.dtype, _ADVICE
+        )
+
+    # --- solves and determinants ------------------------------------------------------------------
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        """``M^{-1} right_tensor`` (or ``left_tensor @ M^{-1} right_tensor``) by the Woodbury identity.
+
+        Parameters
+        ----------
+        right_tensor : Tensor, shape (..., n, k) or (n,)
+        left_tensor : Tensor, shape (..., o, n), optional
+
+        Returns
+        -------
+        Tensor, shape (..., n, k), (n,) or (..., o, k)
+            Leading dims broadcast. Cost ``O(n mdim k)`` after the factorisation (class Notes).
+
+        Raises
+        ------
+        RuntimeError
+            ``M`` is singular (zero pivot in ``C``) or the diagonal has a zero entry.
+        """
+        rhs, vector = _as_columns("right_tensor", right_tensor, self)
+        factor = self._factorization()
+        woodbury.require_nonsingular(factor)
+        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
+        result = woodbury.solve(factor, rhs)
+        result = result.squeeze(-1) if vector else result
+        return result if left_tensor is None else left_tensor @ result
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        if num_tridiag:
+            raise NotImplementedError(
+                "FactoredAddedDiag does not run Lanczos tridiagonalisation; its log-determinant is "
+                "exact: call logdet() or inv_quad_logdet(..., logdet=True)."
+            )
+        factor = self._factorization()
+        woodbury.require_nonsingular(factor)
+        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
+        return woodbury.solve(factor, rhs)
+
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``tr(R^T M^{-1} R)`` and ``log det M`` from one factorisation of ``C``.
+
+        Parameters
+        ----------
+        inv_quad_rhs : Tensor, shape (..., n, k) or (n,), optional
+        logdet : bool
+        reduce_inv_quad : bool
+            Sum the inverse quadratic form over the ``k`` columns (shape ``(...)``) or not
+            (shape ``(..., k)``).
+
+        Returns
+        -------
+        inv_quad : Tensor or None
+            None when ``inv_quad_rhs`` is None.
+        logdet : Tensor, shape (...), or None
+            None unless ``logdet``; NaN where a real operator's determinant is negative.
+
+        Notes
+        -----
+        Cost ``O(n mdim^2 + mdim^3)`` for the factorisation plus ``O(n mdim k)``: exact, no
+        stochastic trace estimation.
+        """
+        return self._inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad, stacklevel=3)
+
+    def _inv_quad_logdet(self, inv_quad_rhs, logdet, reduce_inv_quad, stacklevel):
+        if inv_quad_rhs is None and not logdet:
+            raise ValueError("`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both.")
+        inv_quad = None
+        if inv_quad_rhs is not None:
+            rhs, vector = _as_columns("inv_quad_rhs", inv_quad_rhs, self)
+        factor = self._factorization()
+        if inv_quad_rhs is not None:
+            woodbury.require_nonsingular(factor)
+        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=stacklevel)
+        if inv_quad_rhs is not None:
+            inv_quad = (rhs * woodbury.solve(factor, rhs)).sum(-2)
+            inv_quad = inv_quad.sum(-1) if (reduce_inv_quad or vector) else inv_quad
+        logdet_term = woodbury.logdet_from_slogdet(*woodbury.slogdet(factor)) if logdet else None
+        return inv_quad, logdet_term
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` without reduction); see :meth:`inv_quad_logdet`."""
+        return self._inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad, stacklevel=3)[0]
+
+    def logdet(self) -> Tensor:
+        """``log det M``, shape ``(...)``, by the determinant lemma: NaN where negative, ``-inf`` if singular."""
+        return self._inv_quad_logdet(None, True, True, stacklevel=3)[1]
+
+    def slogdet(self) -> tuple[Tensor, Tensor]:
+        """``(sign, log|det M|)``, each shape ``(...)``, as ``torch.linalg.slogdet`` defines them.
+
+        ``sign`` is -1, 0 or 1 (a unit complex number for complex dtypes); cost as :meth:`logdet`.
+        """
+        factor = self._factorization()
+        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
+        return woodbury.slogdet(factor)
+
+    # --- structure --------------------------------------------------------------------------------
+    def __add__(self, other):
+        if isinstance(other, FactoredAddedDiag):
+            return FactoredAddedDiag(self._linear_op + other._linear_op, self._diag_tensor + other._diag_tensor)
+        if isinstance(other, DiagLinearOperator):
+            return FactoredAddedDiag(self._linear_op, self._diag_tensor + other)
+        if isinstance(other, FactoredMatrix):
+            return FactoredAddedDiag(self._linear_op + other, self._diag_tensor)
+        # Anything else: linear_operator's lazy sum, with its generic (symmetric) solves.
+        return AddedDiagLinearOperator(self._linear_op + other, self._diag_tensor)
+
+    def _svd(self) -> tuple[LinearOperator, Tensor, LinearOperator]:
+        # The inherited _svd adds the diagonal to the factored singular values, which is right only
+        # for a symmetric positive semi-definite A @ B; this one is dense, O(n^3).
+        U, S, Vh = torch.linalg.svd(self.to_dense(), full_matrices=False)
+        return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mH)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        full = slice(None)
+        if isinstance(row_index, slice) and row_index == full and isinstance(col_index, slice) and col_index == full:
+            # Batch indexing only: index both operands and stay a FactoredAddedDiag (the inherited
+            # SumLinearOperator._getitem would return a plain sum).
+            return LinearOperator._getitem(self, row_index, col_index, *batch_indices)
+        return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _sum_batch(self, dim: int) -> LinearOperator:
+        return SumBatchLinearOperator(self, dim)
+
+    def __repr__(self) -> str:
+        return (
+            f"FactoredAddedDiag(shape={tuple(self.shape)}, mdim={self._linear_op.mdim}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _check_operands(linear_ops: tuple) -> None:
+    kinds = sorted(type(op).__name__ for op in linear_ops)
+    fms = [op for op in linear_ops if isinstance(op, FactoredMatrix)]
+    diags = [op for op in linear_ops if isinstance(op, DiagLinearOperator)]
+    if len(linear_ops) != 2 or len(fms) != 1 or len(diags) != 1:
+        raise TypeError(
+            "FactoredAddedDiag takes one FactoredMatrix and one DiagLinearOperator (either order); "
+            f"got {kinds}. Use linear_operator's AddedDiagLinearOperator or SumLinearOperator for "
+            "other operands."
+        )
+    fm, diag = fms[0], diags[0]
+    if fm.ldim != fm.rdim:
+        raise ValueError(
+            f"a diagonal can only be added to a square FactoredMatrix; this one has shape "
+            f"{tuple(fm.shape)}. Add it to a square product, e.g. FactoredMatrix(A, B) with B of "
+            "shape (mdim, ldim)."
+        )
+    if diag.shape[-1] != fm.ldim:
+        raise ValueError(
+            f"the diagonal has {diag.shape[-1]} entries but the FactoredMatrix is {fm.ldim} x {fm.rdim}; "
+            "they must match."
+        )
+    if diag.dtype != fm.dtype:
+        raise TypeError(
+            f"the diagonal has dtype {diag.dtype} but the FactoredMatrix has {fm.dtype}; cast one, "
+            f"e.g. the diagonal tensor with .to({fm.dtype})."
+        )
+    try:
+        torch.broadcast_shapes(fm.batch_shape, diag.batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"leading dims do not broadcast: FactoredMatrix {tuple(fm.shape)} and diagonal "
+            f"{tuple(diag.shape)}."
+        ) from None
+
+
+def _as_columns(name: str, rhs: object, op: LinearOperator) -> tuple[Tensor, bool]:
+    """Validate a right-hand side; return it as ``(..., n, k)`` and whether it was a vector."""
+    n = op.shape[-1]
+    if not isinstance(rhs, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(rhs).__name__}.")
+    if rhs.dtype != op.dtype:
+        raise TypeError(
+            f"`{name}` has dtype {rhs.dtype} but the operator has {op.dtype}; cast it with .to({op.dtype})."
+        )
+    rows = rhs.shape[-1] if rhs.dim() == 1 else (rhs.shape[-2] if rhs.dim() >= 2 else None)
+    if rows != n:
+        raise ValueError(
+            f"`{name}` must have shape (..., {n}, k) or ({n},) for an operator of shape "
+            f"{tuple(op.shape)}; got shape {tuple(rhs.shape)}."
+        )
+    try:
+        torch.broadcast_shapes(op.batch_shape, rhs.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading dims of `{name}` {tuple(rhs.shape[:-2])} do not broadcast with the "
+            f"operator's {tuple(op.batch_shape)}."
+        ) from None
+    return (rhs.unsqueeze(-1), True) if rhs.dim() == 1 else (rhs, False)
+
+
+# --- what FactoredMatrix's methods call -----------------------------------------------------------
+def add(fm: FactoredMatrix, other: object):
+    """``fm + other`` where the result keeps structure; ``NotImplemented`` for linear_operator's sum.
+
+    ``FactoredMatrix``: one FactoredMatrix with concatenated factors (inner dims add; cost one copy
+    of each factor). ``DiagLinearOperator``: a :class:`FactoredAddedDiag`. ``FactoredAddedDiag``:
+    the low-rank parts summed.
+    """
+    if isinstance(other, FactoredMatrix):
+        if other.shape[-2:] != fm.shape[-2:]:
+            raise ValueError(
+                f"shapes do not match for a sum: FactoredMatrix of shape {tuple(fm.shape)} and "
+                f"FactoredMatrix of shape {tuple(other.shape)}; the last two dims must be equal."
+            )
+        try:
+            torch.broadcast_shapes(fm.batch_shape, other.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"leading dims do not broadcast: {tuple(fm.shape)} and {tuple(other.shape)}."
+            ) from None
+        return FactoredMatrix(*woodbury.concat_factors(fm.A, fm.B, other.A, other.B))
+    if isinstance(other, DiagLinearOperator):
+        return FactoredAddedDiag(fm, other)
+    if isinstance(other, FactoredAddedDiag):
+        return other + fm
+    return NotImplemented
+
+
+def add_diagonal(fm: FactoredMatrix, diag: object) -> FactoredAddedDiag:
+    """``fm + diag(diag)`` as a :class:`FactoredAddedDiag`; ``diag`` of shape ``(..., n)``, ``(..., 1)`` or ``()``.
+
+    A diagonal of shape ``(..., 1)`` or ``()`` becomes a ``ConstantDiagLinearOperator``, as in
+    linear_operator's ``add_diagonal``.
+    """
+    if not isinstance(diag, Tensor):
+        raise TypeError(f"`diag` must be a torch.Tensor, got {type(diag).__name__}; use add_jitter for a number.")
+    fm._require_square("add_diagonal")
+    n = fm.ldim
+    try:
+        if diag.dim() and diag.shape[-1] != 1:
+            return FactoredAddedDiag(fm, DiagLinearOperator(diag.expand(*fm.batch_shape, n)))
+        return FactoredAddedDiag(fm, ConstantDiagLinearOperator(diag.expand(*fm.batch_shape, 1), diag_shape=n))
+    except RuntimeError:
+        raise ValueError(
+            f"`diag` of shape {tuple(diag.shape)} does not fit a FactoredMatrix of shape {tuple(fm.shape)}: "
+            f"it must broadcast to ({', '.join(map(str, (*fm.batch_shape, n)))}) or be a scalar."
+        ) from None
+
+
+def _check_product_rhs(name: str, rhs: object, fm: FactoredMatrix, rows: int) -> tuple[Tensor, bool]:
+    if not isinstance(rhs, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(rhs).__name__}.")
+    got = rhs.shape[-1] if rhs.dim() == 1 else (rhs.shape[-2] if rhs.dim() >= 2 else None)
+    if got != rows:
+        raise ValueError(
+            f"`{name}` must have shape (..., {rows}, k) or ({rows},) for a FactoredMatrix of shape "
+            f"{tuple(fm.shape)}; got shape {tuple(rhs.shape)}."
+        )
+    return (rhs.unsqueeze(-1), True) if rhs.dim() == 1 else (rhs, False)
+
+
+def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor | None) -> Tensor:
+    """``FactoredMatrix.solve``: square and full rank (``mdim >= ldim``) only; see :func:`woodbury.product_solve`."""
+    if fm.ldim != fm.rdim:
+        raise ValueError(
+            f"solve needs a square FactoredMatrix; this one has shape {tuple(fm.shape)}. Use "
+            "`fm.lstsq(y)` for the minimum-norm least-squares solution, or `fm.pinv()`."
+        )
+    if fm.mdim < fm.ldim:
+        raise ValueError(
+            f"A @ B has rank at most mdim = {fm.mdim} < {fm.ldim} = ldim, so it is singular and solve "
+            "has no answer. Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or "
+            "`fm.pinv()`; to regularise, solve `fm.add_jitter(v)` or `fm + diag` (Woodbury)."
+        )
+    rhs, vector = _check_product_rhs("right_tensor", right_tensor, fm, fm.ldim)
+    result, cond = woodbury.product_solve(fm.A, fm.B, rhs)
+    woodbury.warn_ill_conditioned(
+        woodbury.ill_conditioned_message("A @ B", cond, result.dtype, "Use `fm.lstsq(y)` or `fm.pinv()`."),
+        stacklevel=3,
+    )
+    result = result.squeeze(-1) if vector else result
+    return result if left_tensor is None else left_tensor @ result
+
+
+def lstsq_product(fm: FactoredMatrix, right_tensor: object, rtol: float | None, atol: float) -> Tensor:
+    """``FactoredMatrix.lstsq``: minimum-norm least squares through the cached factored SVD."""
+    rhs, vector = _check_product_rhs("right_tensor", right_tensor, fm, fm.ldim)
+    result = woodbury.lstsq(*fm.svd(), rhs, rtol=rtol, atol=atol)
+    return result.squeeze(-1) if vector else result
+
+
+# --- the ``diag + fm`` hook -----------------------------------------------------------------------
+_HOOKED_CLASSES = (DiagLinearOperator, ConstantDiagLinearOperator)
+
+
+def _route_factored(original):
+    @functools.wraps(original)
+    def __add__(self, other):
+        if isinstance(other, FactoredMatrix):
+            return FactoredAddedDiag(other, self)
+        return original(self, other)
+
+    __add__._lowrank_op_original = original
+    return __add__
+
+
+def install_diag_hook() -> None:
+    """Make ``diag + fm`` a :class:`FactoredAddedDiag` (see the module docstring); idempotent."""
+    for cls in _HOOKED_CLASSES:
+        current = cls.__dict__["__add__"]
+        if not hasattr(current, "_lowrank_op_original"):
+            cls.__add__ = _route_factored(current)
+
+
+def uninstall_diag_hook() -> None:
+    """Restore linear_operator's own ``DiagLinearOperator.__add__`` and ``ConstantDiagLinearOperator.__add__``."""
+    for cls in _HOOKED_CLASSES:
+        current = cls.__dict__["__add__"]
+        if hasattr(current, "_lowrank_op_original"):
+            cls.__add__ = current._lowrank_op_original
+
+
+install_diag_hook()

@@ -1,0 +1,271 @@
+"""Sums with FactoredMatrix: ``fm +/- fm`` stays factored, ``fm + diag`` (either order) is the Woodbury
+operator, anything else is linear_operator's lazy sum; the ``diag + fm`` hook leaves every other
+operand as it was; FactoredAddedDiag's linear_operator plumbing (reconstruction, batching, pickling).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from helpers import assert_scaled_close, make_factors, ref_dtype
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    DenseLinearOperator,
+    DiagLinearOperator,
+    SumLinearOperator,
+)
+
+from lowrank_op import FactoredAddedDiag, FactoredMatrix, added_diag
+
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.complex128: 1e-12}
+dtype_params = pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128])
+
+
+def dense(op) -> torch.Tensor:
+    return op.to_dense().to(ref_dtype(op.dtype))
+
+
+def close(actual, expected, dtype=torch.float64, what=""):
+    assert_scaled_close(actual, expected, expected.abs().max().clamp_min(1.0), RTOL[dtype], what)
+
+
+def fm_pair(a1, b1, a2, b2, dtype=torch.float64):
+    return FactoredMatrix(*make_factors(a1, b1, dtype, seed=1)), FactoredMatrix(*make_factors(a2, b2, dtype, seed=2))
+
+
+SUM_SHAPES = {
+    "plain": ((5, 3), (3, 4), (5, 2), (2, 4)),
+    "mdim_1": ((5, 1), (1, 4), (5, 1), (1, 4)),
+    "batched": ((2, 5, 3), (2, 3, 4), (2, 5, 6), (2, 6, 4)),
+    "broadcast": ((3, 1, 5, 3), (3, 4), (4, 5, 2), (1, 2, 4)),
+}
+
+
+# --- fm + fm, fm - fm -----------------------------------------------------------------------------
+@dtype_params
+@pytest.mark.parametrize("shapes", SUM_SHAPES.values(), ids=SUM_SHAPES.keys())
+def test_sum_and_difference_stay_factored(shapes, dtype):
+    a1, b1, a2, b2 = shapes
+    fm1, fm2 = fm_pair(a1, b1, a2, b2, dtype)
+    for op, expected in ((fm1 + fm2, dense(fm1) + dense(fm2)), (fm1 - fm2, dense(fm1) - dense(fm2))):
+        assert isinstance(op, FactoredMatrix)
+        assert op.mdim == fm1.mdim + fm2.mdim and op.dtype == dtype
+        assert op.shape == expected.shape
+        close(dense(op), expected, dtype)
+    added = fm1 + fm2
+    # Left and right factors broadcast separately: a factor shared by the batch stays shared.
+    assert added.A.shape[:-2] == torch.broadcast_shapes(fm1.A.shape[:-2], fm2.A.shape[:-2])
+    assert added.B.shape[:-2] == torch.broadcast_shapes(fm1.B.shape[:-2], fm2.B.shape[:-2])
+    close(dense(torch.add(fm1, fm2)), dense(fm1) + dense(fm2), dtype, "torch.add")
+    close(dense(fm1.add(fm2)), dense(fm1) + dense(fm2), dtype, "fm.add")
+
+
+def test_sum_promotes_dtypes_and_keeps_gradients():
+    A1, B1 = make_factors((5, 2), (2, 5), torch.float32, seed=1)
+    A2, B2 = make_factors((5, 3), (3, 5), torch.float64, seed=2)
+    A1.requires_grad_(True)
+    A2.requires_grad_(True)
+    op = FactoredMatrix(A1, B1) + FactoredMatrix(A2, B2)
+    assert op.dtype == torch.float64
+    op.to_dense().sum().backward()
+    close(A1.grad.double(), B1.double().sum(-1).expand(5, 2), torch.float32)
+    close(A2.grad, B2.sum(-1).expand(5, 3), torch.float64)
+
+
+def test_sum_errors():
+    fm = FactoredMatrix(torch.randn(5, 3), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"shapes do not match for a sum: .*\(5, 4\) and .*\(5, 5\)"):
+        fm + FactoredMatrix(torch.randn(5, 3), torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"leading dims do not broadcast: \(2, 5, 4\) and \(3, 5, 4\)"):
+        FactoredMatrix(torch.randn(2, 5, 3), torch.randn(3, 4)) + FactoredMatrix(
+            torch.randn(3, 5, 3), torch.randn(3, 4)
+        )
+
+
+# --- fm + anything else: linear_operator's lazy sum -----------------------------------------------
+def test_sum_with_tensors_and_other_operators_is_lazy():
+    fm = FactoredMatrix(*make_factors((2, 5, 3), (3, 5), seed=3))
+    T = torch.randn(2, 5, 5, dtype=torch.float64)
+    for op in (fm + T, T + fm, torch.add(fm, T), torch.add(T, fm), fm + DenseLinearOperator(T),
+               DenseLinearOperator(T) + fm):
+        assert isinstance(op, SumLinearOperator) and not isinstance(op, AddedDiagLinearOperator)
+        close(dense(op), dense(fm) + T)
+    close(dense(fm - T), dense(fm) - T)
+    close(dense(T - fm), T - dense(fm))
+
+
+# --- fm + diag in every spelling ------------------------------------------------------------------
+def _diag_spellings(fm, d):
+    D, C = DiagLinearOperator(d), ConstantDiagLinearOperator(d[..., :1], diag_shape=d.shape[-1])
+    return {
+        "fm + diag": (fm + D, d),
+        "diag + fm": (D + fm, d),
+        "fm + const": (fm + C, d[..., :1].expand_as(d)),
+        "const + fm": (C + fm, d[..., :1].expand_as(d)),
+        "fm.add(diag)": (fm.add(D), d),
+        "diag.add(fm)": (D.add(fm), d),
+        "torch.add(diag, fm)": (torch.add(D, fm), d),
+        "torch.add(fm, diag)": (torch.add(fm, D), d),
+        "fm - diag": (fm - D, -d),
+        "diag - fm": (D - fm, None),
+        "add_diagonal": (fm.add_diagonal(d), d),
+        "add_jitter": (fm.add_jitter(0.25), torch.full_like(d, 0.25)),
+    }
+
+
+SPELLINGS = list(_diag_spellings(FactoredMatrix(torch.ones(2, 1), torch.ones(1, 2)), torch.ones(2)))
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+@pytest.mark.parametrize("batched", [False, True], ids=["2d", "batched"])
+def test_every_spelling_of_fm_plus_diag_is_woodbury(name, batched):
+    a, b = ((2, 6, 3), (2, 3, 6)) if batched else ((6, 3), (3, 6))
+    fm = FactoredMatrix(*make_factors(a, b, seed=4))
+    d = torch.rand(*fm.batch_shape, 6, dtype=torch.float64) + 1
+    op, diag = _diag_spellings(fm, d)[name]
+    assert isinstance(op, FactoredAddedDiag), type(op)
+    expected = torch.diag_embed(d) - dense(fm) if diag is None else dense(fm) + torch.diag_embed(diag)
+    close(dense(op), expected, what=name)
+    y = torch.randn(*fm.batch_shape, 6, 2, dtype=torch.float64)
+    close(op.solve(y), torch.linalg.solve(expected, y), what=f"{name} solve")
+
+
+# --- the hook leaves everything else alone --------------------------------------------------------
+def _original(cls):
+    return cls.__dict__["__add__"]._lowrank_op_original
+
+
+OTHER_OPERANDS = {
+    "dense_operator": lambda n: DenseLinearOperator(torch.randn(n, n, dtype=torch.float64)),
+    "tensor": lambda n: torch.randn(n, n, dtype=torch.float64),
+    "diag": lambda n: DiagLinearOperator(torch.rand(n, dtype=torch.float64)),
+    "constant_diag": lambda n: ConstantDiagLinearOperator(torch.tensor([0.5], dtype=torch.float64), diag_shape=n),
+}
+
+
+@pytest.mark.parametrize("cls", [DiagLinearOperator, ConstantDiagLinearOperator], ids=["diag", "constant_diag"])
+@pytest.mark.parametrize("other", OTHER_OPERANDS.values(), ids=OTHER_OPERANDS.keys())
+def test_diag_hook_passes_other_operands_through(cls, other):
+    if cls is DiagLinearOperator:
+        diag = DiagLinearOperator(torch.rand(5, dtype=torch.float64))
+    else:
+        diag = ConstantDiagLinearOperator(torch.tensor([2.0], dtype=torch.float64), diag_shape=5)
+    operand = other(5)
+    got, want = diag + operand, _original(cls)(diag, operand)
+    assert type(got) is type(want)
+    close(dense(got), dense(want))
+
+
+def test_diag_hook_is_idempotent_and_reversible():
+    fm = FactoredMatrix(torch.randn(4, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    D = DiagLinearOperator(torch.ones(4, dtype=torch.float64))
+    wrapped = DiagLinearOperator.__dict__["__add__"]
+    added_diag.install_diag_hook()
+    assert DiagLinearOperator.__dict__["__add__"] is wrapped
+    assert not hasattr(wrapped._lowrank_op_original, "_lowrank_op_original")
+    try:
+        added_diag.uninstall_diag_hook()
+        op = D + fm
+        assert type(op) is AddedDiagLinearOperator  # linear_operator's own behaviour
+    finally:
+        added_diag.install_diag_hook()
+    assert isinstance(D + fm, FactoredAddedDiag)
+
+
+# --- FactoredAddedDiag's algebra and plumbing -----------------------------------------------------
+def _op(batch=(2,), n=6, m=3, seed=5):
+    """A non-symmetric, well-conditioned ``A @ B + D`` with a positive determinant."""
+    A, B = make_factors((*batch, n, m), (*batch, m, n), seed=seed)
+    d = torch.rand(*batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 2
+    return FactoredMatrix(A / n, B / n) + DiagLinearOperator(d)
+
+
+def test_algebra_keeps_structure_where_it_can():
+    op = _op()
+    other = FactoredMatrix(*make_factors((2, 6, 2), (2, 2, 6), seed=6))
+    D = DiagLinearOperator(torch.rand(2, 6, dtype=torch.float64))
+    T = torch.randn(2, 6, 6, dtype=torch.float64)
+    cases = {
+        "+ diag": (op + D, FactoredAddedDiag, dense(op) + dense(D)),
+        "+ fm": (op + other, FactoredAddedDiag, dense(op) + dense(other)),
+        "fm +": (other + op, FactoredAddedDiag, dense(op) + dense(other)),
+        "+ op": (op + op, FactoredAddedDiag, 2 * dense(op)),
+        "+ tensor": (op + T, AddedDiagLinearOperator, dense(op) + T),
+        "* -2": (op * -2.0, FactoredAddedDiag, -2 * dense(op)),
+        "add_diagonal": (op.add_diagonal(torch.tensor(1.5, dtype=torch.float64)), FactoredAddedDiag,
+                         dense(op) + 1.5 * torch.eye(6, dtype=torch.float64)),
+        "mT": (op.mT, FactoredAddedDiag, dense(op).mT),
+        "expand": (op.expand(3, 2, 6, 6), FactoredAddedDiag, dense(op).expand(3, 2, 6, 6)),
+        "unsqueeze": (op.unsqueeze(0), FactoredAddedDiag, dense(op).unsqueeze(0)),
+        "batch index": (op[1], FactoredAddedDiag, dense(op)[1]),
+    }
+    for name, (result, kind, expected) in cases.items():
+        assert isinstance(result, kind), (name, type(result))
+        close(dense(result), expected, what=name)
+        if kind is FactoredAddedDiag:
+            y = torch.randn(*result.batch_shape, 6, 1, dtype=torch.float64)
+            close(result.solve(y), torch.linalg.solve(expected, y), what=f"{name} solve")
+    assert type(op + T) is AddedDiagLinearOperator  # the generic path: not claimed to be Woodbury
+    close(op.diagonal(), dense(op).diagonal(dim1=-2, dim2=-1))
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    close(op @ x, dense(op) @ x)
+    close(op.mT @ x, dense(op).mT @ x)
+    close(op.sum(0).to_dense(), dense(op).sum(0))
+
+
+def test_svd_is_right_for_nonsymmetric_operators():
+    op = _op(batch=())
+    U, S, V = op.svd()
+    close(S, torch.linalg.svdvals(dense(op)))
+    close(dense(U) @ torch.diag_embed(S) @ dense(V).mT, dense(op))
+
+
+def test_reconstruction_clone_detach_to_and_pickle():
+    op = _op()
+    rebuilt = op.representation_tree()(*op.representation())
+    assert isinstance(rebuilt, FactoredAddedDiag)
+    for name, result in {
+        "representation_tree": rebuilt,
+        "clone": op.clone(),
+        "detach": op.detach(),
+        "double": op.double(),
+        "pickle": pickle.loads(pickle.dumps(op)),
+    }.items():
+        assert isinstance(result, FactoredAddedDiag) and result.dtype == torch.float64, name
+        close(dense(result), dense(op), what=name)
+        close(result.logdet(), op.logdet(), what=f"{name} logdet")
+    as32 = op.to(torch.float32)
+    assert isinstance(as32, FactoredAddedDiag) and as32.dtype == torch.float32
+    close(as32.logdet().double(), op.logdet(), torch.float32)
+    op.logdet()  # fills the no-grad cache; pickling must still work
+    assert isinstance(pickle.loads(pickle.dumps(op)), FactoredAddedDiag)
+    assert repr(op) == "FactoredAddedDiag(shape=(2, 6, 6), mdim=3, dtype=torch.float64, device=cpu)"
+
+
+def test_constructor_and_add_diagonal_errors():
+    fm = FactoredMatrix(torch.randn(5, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64))
+    D = DiagLinearOperator(torch.ones(5, dtype=torch.float64))
+    pattern = r"takes one FactoredMatrix and one DiagLinearOperator .*\['FactoredMatrix', 'FactoredMatrix'\]"
+    with pytest.raises(TypeError, match=pattern):
+        FactoredAddedDiag(fm, fm)
+    with pytest.raises(TypeError, match="takes one FactoredMatrix and one DiagLinearOperator"):
+        FactoredAddedDiag(fm, D, D)
+    with pytest.raises(ValueError, match=r"the diagonal has 4 entries but the FactoredMatrix is 5 x 5"):
+        fm + DiagLinearOperator(torch.ones(4, dtype=torch.float64))
+    pattern = r"the diagonal has dtype torch.float32 but the FactoredMatrix has torch.float64"
+    with pytest.raises(TypeError, match=pattern):
+        fm + DiagLinearOperator(torch.ones(5))
+    with pytest.raises(ValueError, match=r"leading dims do not broadcast: FactoredMatrix \(5, 5\)|do not broadcast"):
+        FactoredMatrix(torch.randn(2, 5, 2), torch.randn(2, 5)) + DiagLinearOperator(torch.ones(3, 5))
+    rect = FactoredMatrix(torch.randn(5, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"a diagonal can only be added to a square FactoredMatrix; .*\(5, 4\)"):
+        rect + DiagLinearOperator(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"add_diagonal needs a square product"):
+        rect.add_diagonal(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`diag` of shape \(3,\) does not fit a FactoredMatrix of shape \(5, 5\)"):
+        fm.add_diagonal(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"`diag` must be a torch.Tensor, got float; use add_jitter"):
+        fm.add_diagonal(0.5)
