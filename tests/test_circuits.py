@@ -1,0 +1,359 @@
+"""lowrank_op.circuits and the ``circuits`` command: every number against dense float64 circuits.
+
+The tiny checkpoints (tests/tiny_checkpoints.py) are written in GPT-2 and BERT layouts from weights
+in TransformerLens's shapes; the references form ``W_E W_V W_O W_U`` and ``W_E W_Q W_K^T W_E^T``
+densely in float64 from those weights, independently of the reader.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowrank_op import FactoredMatrix, circuit_report, cli
+from lowrank_op.checkpoints import load_safetensors, random_weights
+from lowrank_op.circuits import analyze, effective_rank, eigenvalue_positivity, ov_circuit, qk_circuit
+from tiny_checkpoints import SHAPE, tiny_checkpoint
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: (rtol, atol) per computation dtype; atol is relative to the largest norm for norms and singular
+#: values, absolute for effective ranks, and 10 x absolute for the O(1) scores. Errors seen: 5e-7
+#: (float32) and 4e-14 (float64) relative.
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14)}
+LAYOUTS = [("gpt2", "transformer.", False), ("gpt2", "", True), ("bert", "", False), ("bert", "bert.", True)]
+LAYOUT_IDS = ["gpt2-tied", "gpt2-untied", "bert-tied", "bert-untied"]
+
+
+def dense_reference(w: dict) -> dict:
+    """Per circuit: norm (L, H), all singular values (L, H, d_vocab), effective rank, eigenvalue positivity."""
+    L, H = w["W_Q"].shape[:2]
+    out = {}
+    for name in ("ov", "qk"):
+        norms, spectra, ranks, scores = (torch.zeros(L, H, dtype=torch.float64) for _ in range(4))
+        spectra = torch.zeros(L, H, w["W_E"].shape[0], dtype=torch.float64)
+        for layer in range(L):
+            for head in range(H):
+                if name == "ov":
+                    M = w["W_E"] @ w["W_V"][layer, head] @ w["W_O"][layer, head] @ w["W_U"]
+                else:
+                    M = w["W_E"] @ w["W_Q"][layer, head] @ w["W_K"][layer, head].T @ w["W_E"].T
+                s = torch.linalg.svdvals(M)
+                p = s / s.sum()
+                eig = torch.linalg.eigvals(M)
+                norms[layer, head] = torch.linalg.norm(M)
+                spectra[layer, head] = s
+                ranks[layer, head] = torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum())
+                scores[layer, head] = eig.sum().real / eig.abs().sum()
+        out[name] = {"norm": norms, "singular_values": spectra, "effective_rank": ranks, "positivity": scores}
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints_dir(tmp_path_factory):
+    """The four tiny checkpoints, written once: {layout id: (path, canonical weights)}."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {i: tiny_checkpoint(root / i, layout, prefix, untied=untied)
+            for i, (layout, prefix, untied) in zip(LAYOUT_IDS, LAYOUTS)}
+
+
+# --- Building the circuits ----------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["ov", "qk"])
+def test_circuits_are_factored_and_equal_the_dense_product(checkpoints_dir, which):
+    path, w = checkpoints_dir["gpt2-untied"]
+    weights = load_safetensors(path, dtype=torch.float64)
+    build = ov_circuit if which == "ov" else qk_circuit
+    every = build(weights)
+    L, H, d_head, V = weights.n_layers, weights.n_heads, weights.d_head, weights.d_vocab
+    assert isinstance(every, FactoredMatrix) and every.shape == (L, H, V, V) and every.mdim == d_head
+    for layer in range(L):
+        one = build(weights, layer)
+        assert one.shape == (H, V, V) and one.mdim == d_head
+        torch.testing.assert_close(one.to_dense(), every.to_dense()[layer])
+        for head in range(H):
+            if which == "ov":
+                M = w["W_E"] @ w["W_V"][layer, head] @ w["W_O"][layer, head] @ w["W_U"]
+            else:
+                M = w["W_E"] @ w["W_Q"][layer, head] @ w["W_K"][layer, head].T @ w["W_E"].T
+            torch.testing.assert_close(one.to_dense()[head], M)
+
+
+def test_analysis_never_forms_a_vocab_by_vocab_matrix(checkpoints_dir, monkeypatch):
+    path, _ = checkpoints_dir["bert-tied"]
+    weights = load_safetensors(path)
+
+    def refuse(self):
+        raise AssertionError(f"to_dense() called on a FactoredMatrix of shape {tuple(self.shape)}")
+
+    monkeypatch.setattr(FactoredMatrix, "to_dense", refuse)
+    analyze(weights)
+
+
+# --- Every reported number against dense float64 --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", LAYOUT_IDS)
+def test_every_number_matches_the_dense_float64_circuit(checkpoints_dir, case, dtype):
+    path, w = checkpoints_dir[case]
+    rtol, atol = TOLERANCES[dtype]
+    report = analyze(load_safetensors(path, dtype=dtype))
+    ref = dense_reference(w)
+    d_head = SHAPE["d_model"] // SHAPE["n_heads"]
+    for name in ("ov", "qk"):
+        got, want = getattr(report, name), ref[name]
+        scale = want["norm"].max()
+        torch.testing.assert_close(got.norm.double(), want["norm"], rtol=rtol, atol=atol * scale)
+        torch.testing.assert_close(got.singular_values.double(), want["singular_values"][..., :d_head],
+                                   rtol=rtol, atol=atol * scale)
+        torch.testing.assert_close(got.effective_rank.double(), want["effective_rank"], rtol=rtol, atol=atol)
+        torch.testing.assert_close(got.eigenvalue_positivity.double(), want["positivity"], rtol=rtol, atol=10 * atol)
+
+
+# --- The measures themselves ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "S,expected",
+    [([3.0], 1.0), ([2.0, 2.0, 2.0, 2.0], 4.0), ([1.0, 1.0, 0.0, 0.0], 2.0), ([0.0, 0.0], 0.0),
+     ([1.0, 0.5], math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))],
+)
+def test_effective_rank_values(S, expected):
+    assert float(effective_rank(torch.tensor(S, dtype=torch.float64))) == pytest.approx(expected, rel=1e-12)
+
+
+@given(st.lists(st.floats(0.0, 1e3), min_size=1, max_size=20), st.floats(1e-3, 1e3))
+def test_effective_rank_is_scale_invariant_and_bounded(values, c):
+    S = torch.tensor(values, dtype=torch.float64)
+    rank = float(effective_rank(S))
+    nonzero = int((S > 0).sum())
+    if nonzero == 0:
+        assert rank == 0.0
+    else:
+        assert 1.0 - 1e-9 <= rank <= nonzero + 1e-9
+        assert float(effective_rank(c * S)) == pytest.approx(rank, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "matrix,expected",
+    [(torch.eye(3), 1.0), (-torch.eye(3), -1.0), (torch.tensor([[0.0, -1.0], [1.0, 0.0]]), 0.0),
+     (torch.diag(torch.tensor([3.0, -1.0])), 0.5)],
+    ids=["identity", "minus-identity", "rotation", "mixed"],
+)
+def test_eigenvalue_positivity_values(matrix, expected):
+    assert float(eigenvalue_positivity(torch.linalg.eigvals(matrix.double()))) == pytest.approx(expected, abs=1e-12)
+
+
+def test_eigenvalue_positivity_of_zero_is_nan():
+    assert math.isnan(float(eigenvalue_positivity(torch.zeros(3, dtype=torch.complex128))))
+
+
+# --- The command, end to end ---------------------------------------------------------------------------
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied", "bert-untied"])
+def test_cli_writes_csv_and_json_equal_to_the_dense_reference(checkpoints_dir, tmp_path, capsys, case):
+    path, w = checkpoints_dir[case]
+    code, out, err = _run(["circuits", "--weights", str(path), "--out", str(tmp_path), "--top-k", "3",
+                           "--dtype", "float64", "--no-plots", "--no-progress"], capsys)
+    assert code == 0
+    ref = dense_reference(w)
+    L, H = SHAPE["n_layers"], SHAPE["n_heads"]
+
+    with open(tmp_path / circuit_report.CSV_NAME, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["layer"]), int(r["head"])) for r in rows] == [(l, h) for l in range(L) for h in range(H)]
+    assert list(rows[0]) == ["layer", "head", "ov_norm", "ov_effective_rank", "ov_copying_score", "ov_s1", "ov_s2",
+                             "ov_s3", "qk_norm", "qk_effective_rank", "qk_eigenvalue_positivity", "qk_s1", "qk_s2",
+                             "qk_s3"]
+    document = json.loads((tmp_path / circuit_report.JSON_NAME).read_text())
+    assert document["model"]["n_layers"] == L and document["model"]["n_heads"] == H
+    assert document["model"]["tied_unembedding"] == (case == "gpt2-tied")
+    assert document["settings"]["top_k"] == 3 and "Roy & Vetterli" in document["definitions"]["effective_rank"]
+    assert set(document["memory"]) >= {"peak_rss_bytes", "rss_after_loading_bytes", "analysis_peak_increase_bytes",
+                                       "one_layer_circuit_factor_bytes", "weight_bytes"}
+    for row, record in zip(rows, document["heads"]):
+        layer, head = int(row["layer"]), int(row["head"])
+        assert (record["layer"], record["head"]) == (layer, head)
+        for name, score in (("ov", "copying_score"), ("qk", "eigenvalue_positivity")):
+            want = {key: ref[name][key][layer, head] for key in ref[name]}
+            expected = [float(want["norm"]), float(want["effective_rank"]), float(want["positivity"])]
+            from_csv = [float(row[f"{name}_norm"]), float(row[f"{name}_effective_rank"]), float(row[f"{name}_{score}"])]
+            from_json = [record[name]["norm"], record[name]["effective_rank"], record[name][score]]
+            assert from_csv == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            assert from_json == from_csv
+            top = [float(row[f"{name}_s{i}"]) for i in (1, 2, 3)]
+            assert top == pytest.approx(want["singular_values"][:3].tolist(), rel=1e-9)
+            assert record[name]["top_singular_values"] == top
+    assert out.count("\n    1    1 ") == 2  # a line for layer 1, head 1 in each of the two tables
+    assert "highest OV copying scores" in out and "wall time" in out and "peak memory" in out
+    assert "increase during analysis" in out
+
+
+def test_cli_random_model_at_tiny_shape_is_seeded(tmp_path, capsys):
+    argv = ["circuits", "--random-shape", "2,3,12,30", "--no-plots", "--no-progress", "--seed", "3"]
+    assert _run(argv + ["--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert _run(argv + ["--out", str(tmp_path / "b")], capsys)[0] == 0
+    a = (tmp_path / "a" / circuit_report.CSV_NAME).read_text()
+    assert a == (tmp_path / "b" / circuit_report.CSV_NAME).read_text()
+    assert len(a.splitlines()) == 1 + 2 * 3
+    report = analyze(random_weights(n_layers=2, n_heads=3, d_model=12, d_vocab=30, seed=3))
+    first = next(csv.DictReader(a.splitlines()))
+    assert float(first["ov_norm"]) == float(report.ov.norm[0, 0])
+
+
+def test_cli_plots_are_png_files(checkpoints_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path, _ = checkpoints_dir["bert-tied"]
+    code, out, _ = _run(["circuits", "--weights", str(path), "--out", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0
+    names = [circuit_report.HEATMAP_NAME, *circuit_report.SPECTRA_NAMES.values()]
+    from matplotlib.image import imread
+
+    for name in names:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        assert imread(tmp_path / name).shape[2] in (3, 4), name
+        assert name in out
+
+
+def test_cli_without_matplotlib_says_how_to_install_and_continues(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert circuit_report.import_matplotlib() is None
+    code, _, err = _run(["circuits", "--random-shape", "1,2,8,20", "--out", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0
+    assert "pip install matplotlib" in err and "lowrank_op[plots]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [circuit_report.CSV_NAME, circuit_report.JSON_NAME]
+
+
+def test_cli_no_plots_writes_no_png(tmp_path, capsys):
+    assert _run(["circuits", "--random-shape", "1,2,8,20", "--out", str(tmp_path), "--no-plots", "--no-progress"],
+                capsys)[0] == 0
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False])
+def test_cli_progress_with_and_without_tqdm(tmp_path, capsys, monkeypatch, tqdm_installed):
+    if tqdm_installed:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    code, _, err = _run(["circuits", "--random-shape", "2,2,8,20", "--out", str(tmp_path), "--no-plots"], capsys)
+    assert code == 0
+    if tqdm_installed:
+        assert "2/2" in err
+    else:
+        assert "layer 1/2 done" in err and "layer 2/2 done" in err and "pip install tqdm" in err
+
+
+# --- Errors before any work ---------------------------------------------------------------------------
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading (or drawing) weights fail loudly, to show an error came before any work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(cli.checkpoints, "load_safetensors", refuse)
+    monkeypatch.setattr(cli.checkpoints, "random_weights", refuse)
+    monkeypatch.setattr(cli.circuits, "analyze", refuse)
+
+
+def _out_dirs(tmp_path: Path) -> dict:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    return {"under-a-file": blocker / "out", "is-a-file": blocker}
+
+
+@pytest.mark.parametrize("which", ["under-a-file", "is-a-file"])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_unwritable_out_fails_before_loading(checkpoints_dir, tmp_path, capsys, no_loading, which, with_weights):
+    out = _out_dirs(tmp_path)[which]
+    argv = ["circuits", "--out", str(out)] + (["--weights", str(checkpoints_dir["gpt2-tied"][0])] if with_weights else [])
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`--out` '{out}' is not a writable directory" in err and "pass a directory you can write to" in err
+
+
+def test_read_only_out_fails_before_loading(tmp_path, capsys, no_loading):
+    if os.geteuid() == 0:
+        pytest.skip("root can write to read-only directories")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    with pytest.raises(SystemExit):
+        cli.main(["circuits", "--out", str(out)])
+    assert "is not a writable directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--random-shape", "1,2,8,20", "--top-k", "5"], r"`--top-k` 5 exceeds the circuits' rank bound min\(d_head, d_vocab\) = 4"),
+        (["--random-shape", "1,2,8"], r"--random-shape: must be four positive integers"),
+        (["--n-heads", "4"], r"`--n-heads` applies to --weights only"),
+        (["--top-k", "0"], r"--top-k: must be a positive integer, got 0"),
+        (["--weights", "WEIGHTS", "--random-shape", "1,2,8,20"], r"`--random-shape` applies to the built-in random model only"),
+        (["--weights", "WEIGHTS", "--n-heads", "3"], r"`n_heads` \(--n-heads\) is 3 but .*config.json says 2"),
+        (["--weights", "MISSING"], r"no checkpoint at .*missing.safetensors"),
+        (["--weights", "BROKEN"], r"broken.safetensors: tensor `transformer.h.0.attn.c_proj.weight` has shape \(3, 3\); expected \(16, 16\)"),
+    ],
+)
+def test_cli_argument_and_checkpoint_errors(checkpoints_dir, tmp_path, capsys, extra, match):
+    from safetensors.torch import save_file
+
+    broken = {**{k: v.clone() for k, v in _tensors_of(checkpoints_dir["gpt2-tied"][0]).items()},
+              "transformer.h.0.attn.c_proj.weight": torch.zeros(3, 3)}
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    paths = {"WEIGHTS": str(checkpoints_dir["gpt2-tied"][0]), "MISSING": str(tmp_path / "missing.safetensors"),
+             "BROKEN": str(tmp_path / "broken.safetensors")}
+    argv = ["circuits", "--out", str(tmp_path / "out"), "--no-plots", "--no-progress"] + [paths.get(a, a) for a in extra]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def _tensors_of(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_python_dash_m_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank_op", "circuits", "--random-shape", "1,2,8,20", "--out", str(tmp_path),
+         "--no-plots", "--no-progress", "--threads", "1"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": ""}, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wall time" in result.stdout and (tmp_path / circuit_report.CSV_NAME).is_file()
+
+
+def test_zero_circuits_give_null_scores_in_json_and_empty_cells_in_csv(tmp_path):
+    w = random_weights(n_layers=1, n_heads=2, d_model=8, d_vocab=20)
+    W_V = w.W_V.clone()
+    W_V[0, 1] = 0.0  # head 1's OV circuit is the zero matrix
+    weights = dataclasses.replace(w, W_V=W_V)
+    report = analyze(weights)
+    assert float(report.ov.norm[0, 1]) == 0.0 and float(report.ov.effective_rank[0, 1]) == 0.0
+    circuit_report.write_json(tmp_path / "c.json", report, weights, 2, {})
+    circuit_report.write_csv(tmp_path / "c.csv", report, 2)
+    record = json.loads((tmp_path / "c.json").read_text())["heads"][1]
+    assert record["ov"]["copying_score"] is None and record["ov"]["norm"] == 0.0
+    assert record["qk"]["eigenvalue_positivity"] is not None
+    with open(tmp_path / "c.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["ov_copying_score"] == "" and rows[0]["ov_copying_score"] != ""
