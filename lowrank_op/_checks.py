@@ -39,6 +39,22 @@ def check_factor(name: str, X: object) -> Tensor:
     return X
 
 
+BROADCAST_HINT = "index or unsqueeze one of them so they follow torch broadcasting rules."
+
+
+def check_broadcast(
+    left_name: str, left_shape: torch.Size, right_name: str, right_shape: torch.Size, hint: str = BROADCAST_HINT
+) -> torch.Size:
+    """The broadcast of two operands' leading dims (all but the last two); ValueError if none."""
+    try:
+        return torch.broadcast_shapes(left_shape[:-2], right_shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"leading dims do not broadcast: {left_name} of shape {tuple(left_shape)} and {right_name} "
+            f"of shape {tuple(right_shape)}; {hint}"
+        ) from None
+
+
 def check_factors(A: object, B: object) -> torch.Size:
     """Validate the pair ``(A, B)`` and return the broadcast batch shape."""
     A = check_factor("A", A)
@@ -58,14 +74,7 @@ def check_factors(A: object, B: object) -> torch.Size:
             f"inner dims differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
             f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
         )
-    try:
-        return torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"leading dims do not broadcast: `A` of shape {tuple(A.shape)} has {tuple(A.shape[:-2])}, "
-            f"`B` of shape {tuple(B.shape)} has {tuple(B.shape[:-2])}; index or unsqueeze them so "
-            "they follow torch broadcasting rules."
-        ) from None
+    return check_broadcast("`A`", A.shape, "`B`", B.shape)
 
 
 def as_scalar(name: str, value: object, dtype: torch.dtype, device: torch.device) -> Tensor:

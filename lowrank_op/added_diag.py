@@ -45,6 +45,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from lowrank_op import woodbury
+from lowrank_op._checks import check_broadcast
 from lowrank_op.factored import FactoredMatrix
 
 _ADVICE = "Add a larger diagonal (e.g. `add_jitter`), or use float64."
@@ -300,13 +301,7 @@ def _check_operands(linear_ops: tuple) -> None:
             f"the diagonal has dtype {diag.dtype} but the FactoredMatrix has {fm.dtype}; cast one, "
             f"e.g. the diagonal tensor with .to({fm.dtype})."
         )
-    try:
-        torch.broadcast_shapes(fm.batch_shape, diag.batch_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"leading dims do not broadcast: FactoredMatrix {tuple(fm.shape)} and diagonal "
-            f"{tuple(diag.shape)}."
-        ) from None
+    check_broadcast("FactoredMatrix", fm.shape, "diagonal", diag.shape)
 
 
 def _as_columns(name: str, rhs: object, op: LinearOperator) -> tuple[Tensor, bool]:
@@ -324,13 +319,7 @@ def _as_columns(name: str, rhs: object, op: LinearOperator) -> tuple[Tensor, boo
             f"`{name}` must have shape (..., {n}, k) or ({n},) for an operator of shape "
             f"{tuple(op.shape)}; got shape {tuple(rhs.shape)}."
         )
-    try:
-        torch.broadcast_shapes(op.batch_shape, rhs.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"the leading dims of `{name}` {tuple(rhs.shape[:-2])} do not broadcast with the "
-            f"operator's {tuple(op.batch_shape)}."
-        ) from None
+    check_broadcast("the operator", op.shape, f"`{name}`", rhs.shape)
     return (rhs.unsqueeze(-1), True) if rhs.dim() == 1 else (rhs, False)
 
 
@@ -348,12 +337,7 @@ def add(fm: FactoredMatrix, other: object):
                 f"shapes do not match for a sum: FactoredMatrix of shape {tuple(fm.shape)} and "
                 f"FactoredMatrix of shape {tuple(other.shape)}; the last two dims must be equal."
             )
-        try:
-            torch.broadcast_shapes(fm.batch_shape, other.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"leading dims do not broadcast: {tuple(fm.shape)} and {tuple(other.shape)}."
-            ) from None
+        check_broadcast("FactoredMatrix", fm.shape, "FactoredMatrix", other.shape)
         return FactoredMatrix(*woodbury.concat_factors(fm.A, fm.B, other.A, other.B))
     if isinstance(other, DiagLinearOperator):
         return FactoredAddedDiag(fm, other)

@@ -12,7 +12,7 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
 from lowrank_op import kernels
-from lowrank_op._checks import as_scalar, check_factors
+from lowrank_op._checks import as_scalar, check_broadcast, check_factors
 from lowrank_op._indexing import normalize_index
 
 
@@ -368,14 +368,7 @@ class FactoredMatrix(LinearOperator):
                 f"shapes do not match for a product: FactoredMatrix of shape {tuple(self.shape)} "
                 f"and operand of shape {tuple(other.shape)}, which needs {want} {what}.{hint}"
             )
-        try:
-            torch.broadcast_shapes(self.batch_shape, other.shape[:-2])
-        except RuntimeError:
-            raise ValueError(
-                f"leading dims do not broadcast in a product: FactoredMatrix of shape "
-                f"{tuple(self.shape)} and operand of shape {tuple(other.shape)}; index or unsqueeze "
-                "one of them so they follow torch broadcasting rules."
-            ) from None
+        check_broadcast("FactoredMatrix", self.shape, "operand", other.shape)
 
     def __mul__(self, other) -> FactoredMatrix:
         return FactoredMatrix(self.A * as_scalar("other", other, self.dtype, self.device), self.B)

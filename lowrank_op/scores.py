@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from lowrank_op._checks import check_broadcast
 from lowrank_op.factored import FactoredMatrix
 
 
@@ -55,12 +55,8 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
         for i in range(n_right):
             left = left.unsqueeze(n_left + i)
     else:
-        try:
-            torch.broadcast_shapes(left.batch_shape, right.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"with `broadcast_dims=False` the leading dims must broadcast; got `left` of shape "
-                f"{tuple(left.shape)} and `right` of shape {tuple(right.shape)}. Pass "
-                "`broadcast_dims=True` to pair every leading index of `left` with every one of `right`."
-            ) from None
+        check_broadcast(
+            "`left`", left.shape, "`right`", right.shape,
+            hint="pass `broadcast_dims=True` to pair every leading index of `left` with every one of `right`.",
+        )
     return (left @ right).norm() / (left.norm() * right.norm())

@@ -19,7 +19,7 @@ def f64(*shape):
 DTYPE = r"`A` must have a floating or complex dtype, got "
 INNER = r"inner dims differ: `A` of shape \(3, 2\) has mdim 2 columns but `B` of shape \(3, 4\) has 3 rows"
 SAME_DTYPE = r"`A` and `B` must have the same dtype, got A torch\.float64 and B torch\.float32; cast one"
-LEADING = r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) has \(2,\), `B` of shape \(3, 2, 4\) has \(3,\)"
+LEADING = r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) and `B` of shape \(3, 2, 4\); index or unsqueeze"
 
 
 # --- construction ---------------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def test_composition_scores_leading_dims_that_do_not_broadcast():
     left = FactoredMatrix(*make_factors((2, 4, 3), (3, 5)))
     right = FactoredMatrix(*make_factors((3, 5, 3), (3, 4)))
     message = (
-        r"with `broadcast_dims=False` the leading dims must broadcast; got `left` of shape \(2, 4, 5\) and "
-        r"`right` of shape \(3, 5, 4\)\. Pass `broadcast_dims=True`"
+        r"leading dims do not broadcast: `left` of shape \(2, 4, 5\) and `right` of shape \(3, 5, 4\); "
+        r"pass `broadcast_dims=True`"
     )
     with pytest.raises(ValueError, match=message):
         composition_scores(left, right, broadcast_dims=False)
