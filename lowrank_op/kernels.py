@@ -42,7 +42,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _promote(*tensors: Tensor) -> tuple[Tensor, ...]:
+def promote(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Cast 16-bit factors to float32 (a factor-sized copy); other dtypes pass unchanged."""
     return tuple(t.to(compute_dtype(t.dtype)) for t in tensors)
 
@@ -187,7 +187,7 @@ def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Ten
     undefined at repeated singular values (torch raises or returns non-finite values there).
     """
     check_choice("method", method, ORTHO_METHODS)
-    A, B = _promote(A, B)
+    A, B = promote(A, B)
     Q_A, C, Q_B = _core(A, B, method, want_bases=True)
     U_c, _, Vh_c = torch.linalg.svd(C, full_matrices=False)
     S = torch.linalg.svdvals(C)
@@ -203,7 +203,7 @@ def svdvals(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
     with a smaller constant.
     """
     check_choice("method", method, ORTHO_METHODS)
-    A, B = _promote(A, B)
+    A, B = promote(A, B)
     _, C, _ = _core(A, B, method, want_bases=False)
     return torch.linalg.svdvals(C)
 
@@ -223,7 +223,7 @@ def frobenius_norm(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
         ``GRAM_NORM_MAX_REL_ERROR``.
     """
     check_choice("method", method, NORM_METHODS)
-    A, B = _promote(A, B)
+    A, B = promote(A, B)
     if method != "qr":
         terms = (A.mH @ A) * (B @ B.mH).mT
         total = terms.sum((-2, -1)).real
@@ -264,7 +264,7 @@ def eigvals(A: Tensor, B: Tensor) -> Tensor:
     decomposed instead and padded with ``mdim - ldim`` exact zeros, the eigenvalues ``B A`` has
     beyond ``A B``'s.
     """
-    A, B = _promote(A, B)
+    A, B = promote(A, B)
     ldim, mdim = A.shape[-2:]
     if ldim < mdim:
         values = torch.linalg.eigvals(A @ B)
@@ -319,7 +319,7 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
     (``O(n^2 mdim)`` and an ``n x n`` output).
     """
     tol = torch.finfo(A.dtype).eps ** 0.5  # of the input dtype: 16-bit products are symmetric only to 16 bits
-    A, B = _promote(A, B)
+    A, B = promote(A, B)
     n, mdim = A.shape[-2:]
     if mdim >= n:
         Q, Q_full, R_A = None, None, None

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lowrank_op.kernels import compute_dtype
+from lowrank_op.kernels import promote
 
 # --- Thresholds (the only place they live) -------------------------------------------------------
 #: A factorisation is reported as ill-conditioned (:class:`IllConditionedWarning`) when its estimated
@@ -85,11 +85,6 @@ class WoodburyFactor(NamedTuple):
 
 
 # --- Helpers --------------------------------------------------------------------------------------
-def _promote(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """16-bit floats to float32 (decompositions need it); other dtypes unchanged."""
-    return tuple(t.to(compute_dtype(t.dtype)) for t in tensors)
-
-
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real()
 
@@ -288,7 +283,7 @@ def factorize(A: Tensor, B: Tensor, d: Tensor, hermitian: bool) -> WoodburyFacto
     Cost ``O(n mdim^2)`` to form ``C``, ``O(mdim^3)`` to factor it, ``O(mdim^2)`` for the condition
     estimate. 16-bit inputs are computed in float32.
     """
-    A, B, d = _promote(A, B, d)
+    A, B, d = promote(A, B, d)
     check_diagonal(d)
     if hermitian:
         scale = d.real.sqrt().to(A.dtype) if d.is_complex() else d.sqrt()
@@ -347,7 +342,7 @@ def solve(factor: WoodburyFactor, rhs: Tensor) -> Tensor:
     -----
     ``x = D^{-1} y - D^{-1} A C^{-1} (B D^{-1} y)``: cost ``O(n mdim k + mdim^2 k)``.
     """
-    (rhs,) = _promote(rhs)
+    (rhs,) = promote(rhs)
     scale = factor.scale.unsqueeze(-1)
     y = rhs / scale
     if factor.hermitian:  # x = D^{-1/2} (y~ - A~ C^{-1} A~^H y~), y~ = D^{-1/2} rhs
@@ -447,7 +442,7 @@ def lstsq(U: Tensor, S: Tensor, V: Tensor, rhs: Tensor, rtol: float | None = Non
     Tensor, shape (..., rdim, c)
         Cost ``O((ldim + rdim) k c)`` given the SVD.
     """
-    (rhs,) = _promote(rhs)
+    (rhs,) = promote(rhs)
     scale, _ = _pinv_scale(S, U.shape[-2], V.shape[-2], rtol, atol)
     return V @ (scale.unsqueeze(-1).to(V.dtype) * (U.mH @ rhs.to(U.dtype)))
 
@@ -478,7 +473,7 @@ def product_solve(A: Tensor, B: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     -----
     ``O(n^2 mdim)`` to form the product, ``O(n^3)`` for its LU, ``O(n^2 k)`` per solve.
     """
-    A, B, rhs = _promote(A, B, rhs)
+    A, B, rhs = promote(A, B, rhs)
     M = A @ B
     LU, pivots, info = torch.linalg.lu_factor_ex(M)
     singular = info != 0
