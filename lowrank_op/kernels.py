@@ -60,33 +60,32 @@ def _cholesky_upper(G: Tensor) -> Tensor | None:
     return L.mH
 
 
-def _right_inverse_apply(X: Tensor, R: Tensor) -> Tensor:
-    """``X @ inv(R)`` for upper-triangular ``R``: one small triangular inverse, one GEMM."""
-    Rinv = torch.linalg.solve_triangular(R, _eye_like(R, R.shape[-1]), upper=True)
-    return X @ Rinv
+def _triangular_inverse(R: Tensor) -> Tensor:
+    """``inv(R)`` for a small upper-triangular ``R`` (``m x m``)."""
+    return torch.linalg.solve_triangular(R, _eye_like(R, R.shape[-1]), upper=True)
 
 
-def _cholqr2(X: Tensor, want_q: bool) -> tuple[Tensor | None, Tensor] | None:
-    """CholeskyQR2 of a tall ``X`` (``n >= m``); None when it is not safe to use.
+def _cholqr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """CholeskyQR2 of a tall ``X`` (``n >= m``), or None when it is not safe to use.
 
-    Returns ``(Q, R)``, or ``(None, R)`` when ``want_q`` is false, or None when a Cholesky
-    factorisation fails or the first pass lost orthogonality beyond ``CHOLQR2_MAX_DEFECT``.
+    Returns ``(W, T, R)`` with ``X = (W @ T) @ R`` and ``Q = W @ T`` orthonormal: ``W`` is the
+    first pass's ``X inv(R_1)`` (``n x m``) and ``T = inv(R_2)`` (``m x m``) the second pass's
+    correction, left unapplied so that a caller who needs ``Q @ Y`` for a small ``Y`` pays one
+    ``n x m`` product, ``W @ (T @ Y)``, instead of two. None when a Cholesky factorisation fails
+    or the first pass lost orthogonality beyond ``CHOLQR2_MAX_DEFECT``.
     """
     R1 = _cholesky_upper(X.mH @ X)
     if R1 is None:
         return None
-    Q1 = _right_inverse_apply(X, R1)
-    G2 = Q1.mH @ Q1
+    W = X @ _triangular_inverse(R1)
+    G2 = W.mH @ W
     defect = torch.linalg.matrix_norm(G2 - _eye_like(G2, G2.shape[-1]))
     if not bool((defect <= CHOLQR2_MAX_DEFECT).all()):  # also catches NaN
         return None
     R2 = _cholesky_upper(G2)
     if R2 is None:
         return None
-    R = R2 @ R1
-    if not want_q:
-        return None, R
-    return _right_inverse_apply(Q1, R2), R
+    return W, _triangular_inverse(R2), R2 @ R1
 
 
 def _resolve_ortho(X: Tensor, method: str) -> str:
@@ -99,6 +98,33 @@ def _resolve_ortho(X: Tensor, method: str) -> str:
             f"{tuple(X.shape)}. Use `method='householder'` or `method='auto'`."
         )
     return method
+
+
+def _basis(X: Tensor, method: str, want_q: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """``(W, T, R)`` with ``X = Q R`` and ``Q = W @ T`` (``T`` None: ``Q = W``; ``W`` None: not formed)."""
+    check_choice("method", method, ORTHO_METHODS)
+    if _resolve_ortho(X, method) == "cholqr2":
+        result = _cholqr2(X)
+        if result is not None:
+            return result
+        if method == "cholqr2":
+            raise RuntimeError(
+                f"CholeskyQR2 failed on a factor of shape {tuple(X.shape)}: it is rank-deficient or "
+                "too ill-conditioned for a Gram-matrix method. Use `method='householder'` or "
+                "`method='auto'` (which falls back by itself)."
+            )
+    if not want_q and not X.requires_grad:  # mode="r" has no derivative
+        return None, None, torch.linalg.qr(X, mode="r")[1]
+    Q, R = torch.linalg.qr(X, mode="reduced")
+    return Q, None, R
+
+
+def _apply_basis(basis: tuple[Tensor, Tensor | None] | None, Y: Tensor) -> Tensor:
+    """``Q @ Y`` for ``Q = W @ T`` given as ``(W, T)``; None stands for the identity."""
+    if basis is None:
+        return Y
+    W, T = basis
+    return W @ (Y if T is None else T @ Y)
 
 
 def orthogonalize(X: Tensor, method: str = "auto", want_q: bool = True) -> tuple[Tensor | None, Tensor]:
@@ -128,34 +154,32 @@ def orthogonalize(X: Tensor, method: str = "auto", want_q: bool = True) -> tuple
     Cost ``O(n m^2)``. CholeskyQR2 is accurate when ``cond(X)`` is below about ``eps**-0.5``
     (Yamamoto, Nakatsukasa, Yanagisawa and Fukaya, 2015); the defect check guards the rest.
     """
-    check_choice("method", method, ORTHO_METHODS)
-    resolved = _resolve_ortho(X, method)
-    if resolved == "cholqr2":
-        result = _cholqr2(X, want_q)
-        if result is not None:
-            return result
-        if method == "cholqr2":
-            raise RuntimeError(
-                f"CholeskyQR2 failed on a factor of shape {tuple(X.shape)}: it is rank-deficient or "
-                "too ill-conditioned for a Gram-matrix method. Use `method='householder'` or "
-                "`method='auto'` (which falls back by itself)."
-            )
-    if not want_q and not X.requires_grad:
-        return None, torch.linalg.qr(X, mode="r")[1]
-    return torch.linalg.qr(X, mode="reduced")
+    W, T, R = _basis(X, method, want_q)
+    if not want_q:
+        return None, R
+    return (W if T is None else W @ T), R
 
 
 # --- The small core -------------------------------------------------------------------------------
-def _core(A: Tensor, B: Tensor, method: str, want_bases: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+_Basis = tuple[Tensor, Tensor | None] | None
+
+
+def _core(A: Tensor, B: Tensor, method: str, want_bases: bool) -> tuple[_Basis, Tensor, _Basis]:
     """``(Q_A, C, Q_B)`` with ``A @ B = Q_A @ C @ Q_B^H`` and ``C`` at most ``mdim x mdim``.
 
-    A factor that is not tall (``mdim >= ldim`` for ``A``, ``mdim >= rdim`` for ``B``) is used
-    as it is, with an identity basis (returned as None).
+    Each basis is returned for :func:`_apply_basis`. A factor that is not tall (``mdim >= ldim``
+    for ``A``, ``mdim >= rdim`` for ``B``) is used as it is, with an identity basis (None).
     """
     ldim, mdim = A.shape[-2:]
     rdim = B.shape[-1]
-    Q_A, left = (None, A) if mdim >= ldim else orthogonalize(A, method, want_bases)
-    Q_B, right = (None, B.mH) if mdim >= rdim else orthogonalize(B.mH, method, want_bases)
+    Q_A = Q_B = None
+    left, right = A, B.mH
+    if mdim < ldim:
+        W, T, left = _basis(A, method, want_bases)
+        Q_A = (W, T)
+    if mdim < rdim:
+        W, T, right = _basis(B.mH, method, want_bases)
+        Q_B = (W, T)
     return Q_A, left @ right.mH, Q_B
 
 
@@ -191,8 +215,8 @@ def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Ten
     Q_A, C, Q_B = _core(A, B, method, want_bases=True)
     U_c, _, Vh_c = torch.linalg.svd(C, full_matrices=False)
     S = torch.linalg.svdvals(C)
-    U = U_c if Q_A is None else Q_A @ U_c
-    V = Vh_c.mH if Q_B is None else Q_B @ Vh_c.mH
+    U = _apply_basis(Q_A, U_c)
+    V = _apply_basis(Q_B, Vh_c.mH)
     return U, S, V
 
 
