@@ -133,7 +133,7 @@ def test_solve_linear_operator_generic(benchmark, size, kind):
             return op.solve(y)
 
     x = measure(benchmark, solve, setup=generic_setup(size, kind), group=f"solve[{kind}_{size}]",
-                case="linear_operator AddedDiag: CG (default)", slow=kind == "nonsym")
+                case="linear_operator AddedDiag: CG (default)", baseline="linop", slow=kind == "nonsym")
     benchmark.extra_info["rel_err"] = residual(size, kind, x)
 
 
@@ -166,5 +166,6 @@ def test_logdet_linear_operator_generic(benchmark, size, kind):
             return op.logdet()
 
     value = measure(benchmark, logdet, setup=generic_setup(size, kind), group=f"logdet[{kind}_{size}]",
-                    case="linear_operator AddedDiag: CG + SLQ (default)", slow=kind == "nonsym")
+                    case="linear_operator AddedDiag: CG + SLQ (default)", baseline="linop",
+                    slow=kind == "nonsym")
     benchmark.extra_info["rel_err"] = abs(float(value) - exact_logdet(size, kind)) / abs(exact_logdet(size, kind))
