@@ -172,15 +172,16 @@ def _core(A: Tensor, B: Tensor, method: str, want_bases: bool) -> tuple[_Basis, 
     """
     ldim, mdim = A.shape[-2:]
     rdim = B.shape[-1]
-    Q_A = Q_B = None
-    left, right = A, B.mH
-    if mdim < ldim:
-        W, T, left = _basis(A, method, want_bases)
-        Q_A = (W, T)
-    if mdim < rdim:
-        W, T, right = _basis(B.mH, method, want_bases)
-        Q_B = (W, T)
+    Q_A, left = _side(A, method, want_bases) if mdim < ldim else (None, A)
+    Q_B, right = _side(B.mH, method, want_bases) if mdim < rdim else (None, B.mH)
     return Q_A, left @ right.mH, Q_B
+
+
+def _side(X: Tensor, method: str, want_basis: bool) -> tuple[_Basis, Tensor]:
+    """One factor's basis (None unless wanted, so that CholeskyQR2's ``n x m`` buffer is freed
+    before the other factor is factorised) and its triangular factor."""
+    W, T, R = _basis(X, method, want_basis)
+    return ((W, T) if want_basis else None), R
 
 
 def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
