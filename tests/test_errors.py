@@ -196,6 +196,24 @@ def test_matmul_shape_mismatch(op, match):
         op(fm)
 
 
+BATCH_MISMATCH = r"leading dims do not broadcast: FactoredMatrix of shape \(2, 5, 4\) and operand of shape "
+
+
+@pytest.mark.parametrize(
+    "op, match",
+    [
+        (lambda fm: fm @ f64(3, 4, 2), BATCH_MISMATCH + r"\(3, 4, 2\); index or unsqueeze"),
+        (lambda fm: f64(3, 2, 5) @ fm, BATCH_MISMATCH + r"\(3, 2, 5\); index or unsqueeze"),
+        (lambda fm: fm @ make_fm((3, 4, 2), (2, 6)), BATCH_MISMATCH + r"\(3, 4, 6\); index or unsqueeze"),
+    ],
+    ids=["matrix", "rmatrix", "factored"],
+)
+def test_matmul_leading_dims_mismatch(op, match):
+    fm = make_fm((2, 5, 3), (3, 4))
+    with pytest.raises(ValueError, match=match):
+        op(fm)
+
+
 # --- composition_scores ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "left, right, name",
