@@ -47,6 +47,7 @@ from torch import Tensor
 from lowrank_op import woodbury
 from lowrank_op._checks import check_broadcast
 from lowrank_op.factored import FactoredMatrix
+from lowrank_op.kernels import promote
 
 _ADVICE = "Add a larger diagonal (e.g. `add_jitter`), or use float64."
 
@@ -240,6 +241,9 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
         return woodbury.slogdet(factor)
 
     # --- structure --------------------------------------------------------------------------------
+    def __neg__(self) -> FactoredAddedDiag:
+        return FactoredAddedDiag(-self._linear_op, self._diag_tensor.mul(-1))
+
     def __add__(self, other):
         if isinstance(other, FactoredAddedDiag):
             return FactoredAddedDiag(self._linear_op + other._linear_op, self._diag_tensor + other._diag_tensor)
@@ -304,9 +308,10 @@ def _check_operands(linear_ops: tuple) -> None:
     check_broadcast("FactoredMatrix", fm.shape, "diagonal", diag.shape)
 
 
-def _as_columns(name: str, rhs: object, op: LinearOperator) -> tuple[Tensor, bool]:
-    """Validate a right-hand side; return it as ``(..., n, k)`` and whether it was a vector."""
-    n = op.shape[-1]
+def _as_columns(name: str, rhs: object, op: LinearOperator, rows: int | None = None) -> tuple[Tensor, bool]:
+    """Validate a right-hand side with ``rows`` rows (default: the operator's columns); return it as
+    ``(..., rows, k)`` and whether it was a vector."""
+    n = op.shape[-1] if rows is None else rows
     if not isinstance(rhs, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(rhs).__name__}.")
     if rhs.dtype != op.dtype:
@@ -367,18 +372,6 @@ def add_diagonal(fm: FactoredMatrix, diag: object) -> FactoredAddedDiag:
         ) from None
 
 
-def _check_product_rhs(name: str, rhs: object, fm: FactoredMatrix, rows: int) -> tuple[Tensor, bool]:
-    if not isinstance(rhs, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(rhs).__name__}.")
-    got = rhs.shape[-1] if rhs.dim() == 1 else (rhs.shape[-2] if rhs.dim() >= 2 else None)
-    if got != rows:
-        raise ValueError(
-            f"`{name}` must have shape (..., {rows}, k) or ({rows},) for a FactoredMatrix of shape "
-            f"{tuple(fm.shape)}; got shape {tuple(rhs.shape)}."
-        )
-    return (rhs.unsqueeze(-1), True) if rhs.dim() == 1 else (rhs, False)
-
-
 def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor | None) -> Tensor:
     """``FactoredMatrix.solve``: square and full rank (``mdim >= ldim``) only; see :func:`woodbury.product_solve`."""
     if fm.ldim != fm.rdim:
@@ -392,7 +385,7 @@ def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor 
             "has no answer. Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or "
             "`fm.pinv()`; to regularise, solve `fm.add_jitter(v)` or `fm + diag` (Woodbury)."
         )
-    rhs, vector = _check_product_rhs("right_tensor", right_tensor, fm, fm.ldim)
+    rhs, vector = _as_columns("right_tensor", right_tensor, fm)
     result, cond = woodbury.product_solve(fm.A, fm.B, rhs)
     woodbury.warn_ill_conditioned(
         woodbury.ill_conditioned_message("A @ B", cond, result.dtype, "Use `fm.lstsq(y)` or `fm.pinv()`."),
@@ -404,9 +397,37 @@ def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor 
 
 def lstsq_product(fm: FactoredMatrix, right_tensor: object, rtol: float | None, atol: float) -> Tensor:
     """``FactoredMatrix.lstsq``: minimum-norm least squares through the cached factored SVD."""
-    rhs, vector = _check_product_rhs("right_tensor", right_tensor, fm, fm.ldim)
+    rhs, vector = _as_columns("right_tensor", right_tensor, fm, rows=fm.ldim)
     result = woodbury.lstsq(*fm.svd(), rhs, rtol=rtol, atol=atol)
     return result.squeeze(-1) if vector else result
+
+
+def slogdet_product(fm: FactoredMatrix) -> tuple[Tensor, Tensor]:
+    """``FactoredMatrix.slogdet``: exact. With ``mdim < n`` the product has rank below ``n``, so its
+    determinant is exactly zero; otherwise the ``n x n`` product (no larger than ``A``) is formed
+    and LU-factorised, ``O(n^2 mdim + n^3)``."""
+    fm._require_square("slogdet/logdet")
+    A, B = promote(fm.A, fm.B)
+    if fm.mdim < fm.ldim:
+        sign = A.new_zeros(fm.batch_shape)
+        return sign, torch.full(fm.batch_shape, -torch.inf, dtype=A.dtype.to_real(), device=A.device)
+    return torch.linalg.slogdet(A @ B)
+
+
+def inv_quad_logdet_product(
+    fm: FactoredMatrix, inv_quad_rhs: Tensor | None, logdet: bool, reduce_inv_quad: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``FactoredMatrix.inv_quad_logdet``: exact, through :func:`solve_product` and
+    :func:`slogdet_product`; the inverse quadratic form needs a full-rank product (``mdim >= n``)."""
+    if inv_quad_rhs is None and not logdet:
+        raise ValueError("`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both.")
+    inv_quad = None
+    if inv_quad_rhs is not None:
+        rhs, vector = _as_columns("inv_quad_rhs", inv_quad_rhs, fm)
+        inv_quad = (rhs * solve_product(fm, rhs, None)).sum(-2)
+        inv_quad = inv_quad.sum(-1) if (reduce_inv_quad or vector) else inv_quad
+    logdet_term = woodbury.logdet_from_slogdet(*slogdet_product(fm)) if logdet else None
+    return inv_quad, logdet_term
 
 
 # --- the ``diag + fm`` hook -----------------------------------------------------------------------

@@ -54,7 +54,8 @@ class FactoredMatrix(LinearOperator):
     linear_operator's contract (a Tensor in gives a Tensor out) so GPyTorch keeps working.
 
     Results of ``svd()``, ``S`` and ``eigenvalues`` are cached on the instance (not in a global
-    cache, so the instance can be freed); modifying ``A`` or ``B`` in place makes them stale.
+    cache, so the instance can be freed) and recomputed after an in-place change of ``A`` or ``B``
+    (an optimizer step, say), which torch's version counters reveal.
 
     Examples
     --------
@@ -130,16 +131,17 @@ class FactoredMatrix(LinearOperator):
         return FactoredMatrix(self.A * other, self.B)
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
-        # d/dA sum_i u_i^T A B v_i = U (B V)^T and d/dB = (A^T U) V^T, summed to each factor's shape.
+        # d/dA sum_i u_i^T A B v_i = U (B V)^H and d/dB = (A^H U) V^H (torch's convention for complex
+        # gradients; the plain transposes for real dtypes), summed to each factor's shape.
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         grads = []
         if self.A.requires_grad:
-            grads.append(_sum_to_shape(left_vecs @ (self.B @ right_vecs).mT, self.A.shape))
+            grads.append(_sum_to_shape(left_vecs @ (self.B @ right_vecs).mH, self.A.shape))
         else:
             grads.append(None)
         if self.B.requires_grad:
-            grads.append(_sum_to_shape((self.A.mT @ left_vecs) @ right_vecs.mT, self.B.shape))
+            grads.append(_sum_to_shape((self.A.mH @ left_vecs) @ right_vecs.mH, self.B.shape))
         else:
             grads.append(None)
         return tuple(grads)
@@ -216,10 +218,19 @@ class FactoredMatrix(LinearOperator):
                 f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim})."
             )
 
+    def _lookup(self, key: str):
+        """A cached decomposition, or None if absent or computed before an in-place change of A or B."""
+        hit = self._decompositions.get(key)
+        if hit is None or hit[0] != (self.A._version, self.B._version):
+            return None
+        return hit[1]
+
     def _cached(self, key: str, compute):
-        if key not in self._decompositions:
-            self._decompositions[key] = compute()
-        return self._decompositions[key]
+        value = self._lookup(key)
+        if value is None:
+            value = compute()
+            self._decompositions[key] = ((self.A._version, self.B._version), value)
+        return value
 
     def svd(self, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD through the factors: ``(U, S, Vh)`` with ``U @ diag(S) @ Vh.mH == AB``.
@@ -253,8 +264,9 @@ class FactoredMatrix(LinearOperator):
 
     def svdvals(self, method: str = "auto") -> Tensor:
         """Singular values, shape ``(..., k)``, descending, without forming U or V."""
-        if f"svd:{method}" in self._decompositions:
-            return self._decompositions[f"svd:{method}"][1]
+        decomposition = self._lookup(f"svd:{method}")
+        if decomposition is not None:
+            return decomposition[1]
         return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self.A, self.B, method=method))
 
     @property
@@ -362,6 +374,11 @@ class FactoredMatrix(LinearOperator):
         return super().matmul(other)
 
     def _check_operand(self, got: int | None, want: int, what: str, other: Tensor | LinearOperator) -> None:
+        if other.dtype != self.dtype:
+            raise TypeError(
+                f"dtypes differ in a product: FactoredMatrix of dtype {self.dtype} and operand of dtype "
+                f"{other.dtype}; cast one, e.g. operand.to({self.dtype})."
+            )
         if got != want:
             hint = " Use `*` to multiply by a scalar." if other.dim() == 0 else ""
             raise ValueError(
@@ -395,6 +412,41 @@ class FactoredMatrix(LinearOperator):
                 "one); index rows explicitly, e.g. fm[i], or form the matrix with .AB."
             )
         return (self[i] for i in range(self.shape[0]))
+
+    def slogdet(self) -> tuple[Tensor, Tensor]:
+        """``(sign, log|det|)`` of the square product, exactly, each shape ``(...)``.
+
+        With ``mdim < ldim`` the product has rank below ``ldim``: the determinant is exactly zero
+        (sign 0, ``-inf``). Otherwise the ``n x n`` product, no larger than ``A``, is formed and
+        LU-factorised: ``O(n^2 mdim + n^3)``. linear_operator's default would assume a symmetric
+        positive definite operator.
+        """
+        from lowrank_op import added_diag
+
+        return added_diag.slogdet_product(self)
+
+    def logdet(self) -> Tensor:
+        """``log det`` of the square product as ``torch.logdet`` defines it (NaN where negative,
+        ``-inf`` where singular); see :meth:`slogdet`."""
+        from lowrank_op import added_diag
+
+        return added_diag.inv_quad_logdet_product(self, None, True, True)[1]
+
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``tr(R^T M^{-1} R)`` (through :meth:`solve`) and ``log det M`` (:meth:`slogdet`), exactly.
+
+        The inverse quadratic form needs a square, full-rank product (``mdim >= ldim``) and raises
+        otherwise, as :meth:`solve` does; returns None for a part not asked for.
+        """
+        from lowrank_op import added_diag
+
+        return added_diag.inv_quad_logdet_product(self, inv_quad_rhs, logdet, reduce_inv_quad)
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced); see :meth:`inv_quad_logdet`."""
+        return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
 
     def __getstate__(self) -> dict:
         # Cached decompositions may hold autograd graphs, which do not pickle; they are recomputed.

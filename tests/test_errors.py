@@ -254,3 +254,15 @@ def test_composition_scores_leading_dims_that_do_not_broadcast():
     with pytest.raises(ValueError, match=message):
         composition_scores(left, right, broadcast_dims=False)
     assert composition_scores(left, right).shape == (2, 3)
+
+
+def test_float_tensor_index_is_refused():
+    fm = make_fm((5, 3), (3, 4))
+    with pytest.raises(IndexError, match=r"tensor indices must be integers, got torch.float32 at dim 0"):
+        fm[torch.tensor([0.0, 1.0])]
+
+
+def test_add_diagonal_needs_a_tensor():
+    fm = make_fm((4, 3), (3, 4))
+    with pytest.raises(TypeError, match=r"`diag` must be a torch.Tensor, got float; use add_jitter for a number"):
+        fm.add_diagonal(1.0)

@@ -537,3 +537,42 @@ def test_gradcheck_trace(shape):
     b_shape = (*shape[1][:-1], a_shape[-2])
     A, B = _leaf(*a_shape, seed=1), _leaf(*b_shape, seed=2)
     assert torch.autograd.gradcheck(lambda a, b: FactoredMatrix(a, b).trace(), (A, B))
+
+
+# --- review fixes: complex gradients, cache invalidation, dtypes of operands ----------------------
+def test_complex_gradients_through_matmul_match_plain_autograd():
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(4, 3, dtype=torch.complex128, generator=gen).requires_grad_(True)
+    B = torch.randn(3, 5, dtype=torch.complex128, generator=gen).requires_grad_(True)
+    x = torch.randn(5, 2, dtype=torch.complex128, generator=gen)
+    (FactoredMatrix(A, B).matmul(x).abs() ** 2).sum().backward()
+    A2, B2 = A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
+    ((A2 @ (B2 @ x)).abs() ** 2).sum().backward()
+    torch.testing.assert_close(A.grad, A2.grad)
+    torch.testing.assert_close(B.grad, B2.grad)
+
+
+def test_cached_decompositions_follow_in_place_changes():
+    A = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(3, 15, dtype=torch.float64)
+    fm = FactoredMatrix(A, B)
+    optimizer = torch.optim.SGD([A], lr=0.1)
+    for _ in range(3):  # a training loop: each step changes A in place
+        optimizer.zero_grad()
+        S = fm.S
+        torch.testing.assert_close(S, torch.linalg.svdvals(A.detach() @ B)[:3])
+        S.sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        A.mul_(2.0)
+    torch.testing.assert_close(fm.svd()[1], torch.linalg.svdvals(A.detach() @ B)[:3])
+    first = fm.svd()
+    assert fm.svd() is first  # unchanged factors: the cached result
+
+
+def test_products_refuse_a_different_dtype():
+    fm = FactoredMatrix(torch.randn(4, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"dtypes differ in a product: FactoredMatrix of dtype torch.float64 and operand of dtype torch.float32"):
+        fm @ torch.randn(3)
+    with pytest.raises(TypeError, match=r"dtypes differ in a product"):
+        torch.randn(2, 4) @ fm

@@ -15,6 +15,12 @@ Overrides of shipped tests, each because of a documented TransformerLens meaning
   parameter; ``A`` and ``B`` are independent tensors here, so the override compares the exact
   partial derivatives instead. Values and every gradient are still compared.
 
+- ``_test_inv_quad_logdet`` (used by the ``test_inv_quad_logdet*`` tests) on the square classes:
+  ``FactoredMatrix.inv_quad_logdet`` is exact (a direct solve and an LU log-determinant, never CG
+  or stochastic Lanczos quadrature, which assume a symmetric positive definite operator), so the
+  shipped test runs in its ``cholesky`` mode, which asserts that CG is not called. Values are
+  compared as shipped.
+
 Nothing else is overridden.
 """
 
@@ -97,6 +103,9 @@ class _SymmetricPositiveDefinite(_TransformerLensMatmul, LinearOperatorTestCase)
     def _test_solve(self, rhs, lhs=None, cholesky=False):
         self._ensure_symmetric_grad = lambda grad: grad
         super()._test_solve(rhs, lhs=lhs, cholesky=True)
+
+    def _test_inv_quad_logdet(self, reduce_inv_quad=True, cholesky=False, linear_op=None):
+        super()._test_inv_quad_logdet(reduce_inv_quad=reduce_inv_quad, cholesky=True, linear_op=linear_op)
 
     def create_linear_op(self):
         root = torch.randn(*self.root_shape)

@@ -571,3 +571,86 @@ def test_nearly_singular_random_operator_warns():
     op = build(A, -(1 - 1e-17) * torch.linalg.pinv(A), torch.ones(40, dtype=torch.float64))
     with pytest.warns(IllConditionedWarning, match=r"estimated condition number .* exceeds"):
         op.solve(torch.randn(40, 1, dtype=torch.float64, generator=gen))
+
+
+# --- FactoredMatrix's own log-determinant and inverse quadratic form (no diagonal) ----------------
+def _square_fm(n, mdim, kind, batch=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(*batch, n, mdim, dtype=torch.float64, generator=gen)
+    if kind == "symmetric_indefinite":
+        signs = torch.tensor([(-1.0) ** i for i in range(mdim)], dtype=torch.float64)
+        return FactoredMatrix(A, (A * signs).mT.contiguous())
+    return FactoredMatrix(A, torch.randn(*batch, mdim, n, dtype=torch.float64, generator=gen))
+
+
+@pytest.mark.parametrize("kind", ["nonsymmetric", "symmetric_indefinite"])
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("mdim", [5, 9])
+def test_product_slogdet_logdet_inv_quad_match_dense(kind, batch, mdim):
+    fm = _square_fm(5, mdim, kind, batch)
+    dense = fm.A @ fm.B
+    sign, logabs = fm.slogdet()
+    ref_sign, ref_logabs = torch.linalg.slogdet(dense)
+    torch.testing.assert_close(sign, ref_sign)
+    torch.testing.assert_close(logabs, ref_logabs)
+    torch.testing.assert_close(fm.logdet(), torch.logdet(dense), equal_nan=True)
+    rhs = torch.randn(*batch, 5, 2, dtype=torch.float64)
+    ref = (rhs * torch.linalg.solve(dense, rhs)).sum(-2)
+    torch.testing.assert_close(fm.inv_quad(rhs), ref.sum(-1))
+    torch.testing.assert_close(fm.inv_quad(rhs, reduce_inv_quad=False), ref)
+    inv_quad, logdet = fm.inv_quad_logdet(rhs, logdet=True)
+    torch.testing.assert_close(inv_quad, ref.sum(-1))
+    torch.testing.assert_close(logdet, torch.logdet(dense), equal_nan=True)
+
+
+def test_product_logdet_is_nan_for_a_negative_determinant_and_differentiable():
+    A = torch.tensor([[1.0, 0.0], [0.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    B = torch.eye(2, dtype=torch.float64, requires_grad=True)
+    fm = FactoredMatrix(A, B)
+    assert torch.isnan(fm.logdet())
+    torch.testing.assert_close(fm.slogdet()[0], torch.tensor(-1.0, dtype=torch.float64))
+    A2 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    B2 = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: FactoredMatrix(a, b).slogdet()[1], (A2, B2))
+
+
+def test_product_with_mdim_below_n_is_singular():
+    fm = _square_fm(6, 3, "nonsymmetric", (2,))
+    sign, logabs = fm.slogdet()
+    assert bool((sign == 0).all()) and bool((logabs == -torch.inf).all())
+    assert bool((fm.logdet() == -torch.inf).all())
+    with pytest.raises(ValueError, match=r"rank at most mdim = 3 < 6 = ldim.*lstsq"):
+        fm.inv_quad(torch.randn(2, 6, 1, dtype=torch.float64))
+
+
+def test_product_inv_quad_logdet_errors():
+    fm = _square_fm(4, 5, "nonsymmetric")
+    with pytest.raises(ValueError, match=r"`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both"):
+        fm.inv_quad_logdet()
+    with pytest.raises(ValueError, match=r"needs a square product"):
+        FactoredMatrix(torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)).logdet()
+
+
+def test_solve_and_lstsq_validate_the_right_hand_side():
+    fm = _square_fm(4, 5, "nonsymmetric", (2,))
+    with pytest.raises(TypeError, match=r"`right_tensor` has dtype torch.float32 but the operator has torch.float64"):
+        fm.solve(torch.randn(2, 4, 1))
+    with pytest.raises(TypeError, match=r"`right_tensor` has dtype torch.complex128"):
+        fm.lstsq(torch.randn(2, 4, 1, dtype=torch.complex128))
+    with pytest.raises(ValueError, match=r"leading dims do not broadcast: the operator of shape \(2, 4, 4\) and `right_tensor`"):
+        fm.solve(torch.randn(3, 4, 1, dtype=torch.float64))
+    rect = FactoredMatrix(torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`right_tensor` must have shape \(\.\.\., 6, k\) or \(6,\)"):
+        rect.lstsq(torch.randn(4, dtype=torch.float64))
+    y = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(rect.lstsq(y), torch.linalg.pinv(rect.A @ rect.B) @ y)
+
+
+def test_negated_factored_added_diag():
+    fm = _square_fm(5, 2, "nonsymmetric")
+    op = fm + DiagLinearOperator(torch.full((5,), 3.0, dtype=torch.float64))
+    neg = -op
+    assert isinstance(neg, FactoredAddedDiag)
+    torch.testing.assert_close(neg.to_dense(), -op.to_dense())
+    y = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(neg.solve(y), torch.linalg.solve(-op.to_dense(), y))
