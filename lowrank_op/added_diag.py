@@ -289,12 +289,9 @@ def _check_operands(linear_ops: tuple) -> None:
             "other operands."
         )
     fm, diag = fms[0], diags[0]
-    if fm.ldim != fm.rdim:
-        raise ValueError(
-            f"a diagonal can only be added to a square FactoredMatrix; this one has shape "
-            f"{tuple(fm.shape)}. Add it to a square product, e.g. FactoredMatrix(A, B) with B of "
-            "shape (mdim, ldim)."
-        )
+    fm._require_square(
+        "adding a diagonal", "Add it to a square product, e.g. FactoredMatrix(A, B) with B of shape (mdim, ldim)."
+    )
     if diag.shape[-1] != fm.ldim:
         raise ValueError(
             f"the diagonal has {diag.shape[-1]} entries but the FactoredMatrix is {fm.ldim} x {fm.rdim}; "
@@ -374,11 +371,7 @@ def add_diagonal(fm: FactoredMatrix, diag: object) -> FactoredAddedDiag:
 
 def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor | None) -> Tensor:
     """``FactoredMatrix.solve``: square and full rank (``mdim >= ldim``) only; see :func:`woodbury.product_solve`."""
-    if fm.ldim != fm.rdim:
-        raise ValueError(
-            f"solve needs a square FactoredMatrix; this one has shape {tuple(fm.shape)}. Use "
-            "`fm.lstsq(y)` for the minimum-norm least-squares solution, or `fm.pinv()`."
-        )
+    fm._require_square("solve", "Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or `fm.pinv()`.")
     if fm.mdim < fm.ldim:
         raise ValueError(
             f"A @ B has rank at most mdim = {fm.mdim} < {fm.ldim} = ldim, so it is singular and solve "

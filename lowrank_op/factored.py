@@ -211,11 +211,11 @@ class FactoredMatrix(LinearOperator):
         """The transpose of the last two dims, for any number of leading dims: ``(B^T, A^T)``."""
         return self._transpose_nonbatch()
 
-    def _require_square(self, what: str) -> None:
+    def _require_square(self, what: str, advice: str = "") -> None:
         if self.ldim != self.rdim:
             raise ValueError(
                 f"{what} needs a square product (ldim == rdim); this FactoredMatrix has shape "
-                f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim})."
+                f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim}).{' ' + advice if advice else ''}"
             )
 
     def _lookup(self, key: str):

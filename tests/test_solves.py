@@ -449,7 +449,7 @@ def test_factored_solve_gradients_nonsymmetric():
 
 
 def test_factored_solve_errors():
-    with pytest.raises(ValueError, match=r"solve needs a square FactoredMatrix; .* `fm.lstsq\(y\)` .* `fm.pinv\(\)`"):
+    with pytest.raises(ValueError, match=r"solve needs a square product \(ldim == rdim\); this FactoredMatrix has shape .* Use `fm.lstsq\(y\)` .* `fm.pinv\(\)`"):
         FactoredMatrix(torch.randn(5, 6), torch.randn(6, 4)).solve(torch.ones(5))
     low_rank = FactoredMatrix(torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
     pattern = r"rank at most mdim = 3 < 5 = ldim, so it is singular.*`fm.lstsq\(y\)`.*`fm.pinv\(\)`"
