@@ -45,6 +45,8 @@ OPERATIONS = {
     "elements": lambda fm: fm[torch.arange(5), torch.arange(5)],
     "transpose": lambda fm: fm.T,
     "get_corner": lambda fm: fm.get_corner(3),
+    "pinv": lambda fm: fm.pinv(),
+    "lstsq": lambda fm: fm.lstsq(torch.randn(LDIM, 2, dtype=fm.dtype)),
 }
 
 SQUARE_OPERATIONS = {
@@ -52,6 +54,12 @@ SQUARE_OPERATIONS = {
     "trace": lambda fm: fm.trace(),
     "diagonal": lambda fm: fm.diagonal(),
     "eigvalsh": lambda fm: torch.linalg.eigvalsh(FactoredMatrix(fm.A, fm.A.mT)),
+    "logdet": lambda fm: fm.logdet(),
+    "woodbury_solve": lambda fm: fm.add_jitter(1.0).solve(torch.randn(LDIM, 2, dtype=fm.dtype)),
+    "woodbury_logdet": lambda fm: fm.add_jitter(1.0).logdet(),
+    "woodbury_inv_quad_logdet": lambda fm: fm.add_jitter(1.0).inv_quad_logdet(
+        torch.randn(LDIM, 2, dtype=fm.dtype), logdet=True
+    ),
 }
 
 
