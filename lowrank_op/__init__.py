@@ -4,11 +4,18 @@
 TransformerLens's ``FactoredMatrix`` surface and decompositions that never form the product.
 """
 
-from lowrank_op.factored import FactoredMatrix
+from lowrank_op.factored import FactoredMatrix, UndefinedGradientWarning
 from lowrank_op.added_diag import FactoredAddedDiag  # importing it installs the ``diag + fm`` hook
 from lowrank_op.woodbury import IllConditionedWarning
 from lowrank_op.scores import composition_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["FactoredMatrix", "FactoredAddedDiag", "IllConditionedWarning", "composition_scores", "__version__"]
+__all__ = [
+    "FactoredMatrix",
+    "FactoredAddedDiag",
+    "IllConditionedWarning",
+    "UndefinedGradientWarning",
+    "composition_scores",
+    "__version__",
+]

@@ -7,6 +7,8 @@ numerical work is in :mod:`lowrank_op.kernels`; each method here is a few lines 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
@@ -23,6 +25,26 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
         grad = grad.sum(tuple(range(extra)))
     dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
     return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class UndefinedGradientWarning(RuntimeWarning):
+    """A result is fine but its gradient is undefined (singular vectors of repeated singular values)."""
+
+
+def _warn_if_repeated(S: Tensor) -> None:
+    if S.shape[-1] < 2:
+        return
+    with torch.no_grad():
+        gaps = S[..., :-1] - S[..., 1:]
+        close = gaps <= torch.finfo(S.dtype).eps ** 0.5 * S[..., :1]
+    if bool(close.any()):
+        warnings.warn(
+            "svd(): some singular values are repeated (to within sqrt(eps) * S_max), so gradients "
+            "through U and Vh are undefined there; gradients through S are fine. Use S (or norm()) "
+            "in the loss, or detach U and Vh.",
+            UndefinedGradientWarning,
+            stacklevel=3,
+        )
 
 
 class FactoredMatrix(LinearOperator):
@@ -259,8 +281,18 @@ class FactoredMatrix(LinearOperator):
         :func:`lowrank_op.kernels.svd`. Cost ``O((ldim + rdim) mdim^2 + mdim^3)``. Gradients flow
         through all three outputs; through ``U`` and ``Vh`` they are undefined at repeated
         singular values. 16-bit factors give float32 results.
+
+        Warns
+        -----
+        UndefinedGradientWarning
+            When gradients are being recorded and two singular values are equal to within
+            ``sqrt(eps) * S_max`` (zeros of a rank-deficient product included): the gradients of
+            ``U`` and ``Vh`` are undefined there (those of ``S`` are fine).
         """
-        return self._cached(f"svd:{method}", lambda: kernels.svd(self.A, self.B, method=method))
+        result = self._cached(f"svd:{method}", lambda: kernels.svd(self.A, self.B, method=method))
+        if torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad):
+            _warn_if_repeated(result[1])
+        return result
 
     def svdvals(self, method: str = "auto") -> Tensor:
         """Singular values, shape ``(..., k)``, descending, without forming U or V."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -576,3 +577,19 @@ def test_products_refuse_a_different_dtype():
         fm @ torch.randn(3)
     with pytest.raises(TypeError, match=r"dtypes differ in a product"):
         torch.randn(2, 4) @ fm
+
+
+def test_svd_warns_when_gradients_of_singular_vectors_are_undefined():
+    from lowrank_op import UndefinedGradientWarning
+
+    A = torch.eye(6, 3, dtype=torch.float64).requires_grad_(True)  # singular values 1, 1, 1
+    B = torch.eye(3, 5, dtype=torch.float64)
+    with pytest.warns(UndefinedGradientWarning, match=r"gradients through U and Vh are undefined"):
+        FactoredMatrix(A, B).svd()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FactoredMatrix(A.detach(), B).svd()  # no gradient recorded: no warning
+        with torch.no_grad():
+            FactoredMatrix(A, B).svd()
+        distinct = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+        FactoredMatrix(torch.cat([distinct, torch.zeros(3, 3, dtype=torch.float64)]).requires_grad_(True), B).svd()
