@@ -120,11 +120,12 @@ def format_table(report: CircuitReport, top_k: int) -> str:
 
 
 def top_copying_heads(report: CircuitReport, n: int = 5) -> list[tuple[int, int, float]]:
-    """The ``n`` heads with the highest OV copying score, as ``(layer, head, score)``."""
-    scores = report.ov.eigenvalue_positivity.nan_to_num(nan=-math.inf)
-    n_heads = scores.shape[1]
-    order = scores.flatten().argsort(descending=True)[:n].tolist()
-    return [(i // n_heads, i % n_heads, float(scores.flatten()[i])) for i in order]
+    """The ``n`` heads with the highest OV copying score, as ``(layer, head, score)``; heads whose
+    score is undefined (NaN: an all-zero circuit) come last and keep their NaN."""
+    scores = report.ov.eigenvalue_positivity.flatten()
+    n_heads = report.ov.eigenvalue_positivity.shape[1]
+    order = scores.nan_to_num(nan=-math.inf).argsort(descending=True, stable=True)[:n].tolist()
+    return [(i // n_heads, i % n_heads, float(scores[i])) for i in order]
 
 
 def write_csv(path: Path, report: CircuitReport, top_k: int) -> None:

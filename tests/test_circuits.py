@@ -357,3 +357,15 @@ def test_zero_circuits_give_null_scores_in_json_and_empty_cells_in_csv(tmp_path)
     with open(tmp_path / "c.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[1]["ov_copying_score"] == "" and rows[0]["ov_copying_score"] != ""
+
+
+def test_top_copying_heads_orders_scores_and_puts_undefined_ones_last():
+    from lowrank_op.circuit_report import top_copying_heads
+    from lowrank_op.circuits import CircuitMetrics, CircuitReport
+
+    scores = torch.tensor([[0.2, float("nan")], [0.9, -0.5]])
+    metrics = CircuitMetrics(torch.ones(2, 2), torch.ones(2, 2, 3), torch.ones(2, 2), scores)
+    top = top_copying_heads(CircuitReport(ov=metrics, qk=metrics), n=4)
+    assert [(layer, head) for layer, head, _ in top] == [(1, 0), (0, 0), (1, 1), (0, 1)]
+    assert [score for _, _, score in top[:3]] == pytest.approx([0.9, 0.2, -0.5])
+    assert math.isnan(top[3][2])
