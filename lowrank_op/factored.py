@@ -508,7 +508,9 @@ class FactoredMatrix(LinearOperator):
         """``A @ B + diag(diag)`` as a :class:`~lowrank_op.added_diag.FactoredAddedDiag` (Woodbury solves).
 
         ``diag`` has shape ``(..., n)``, ``(..., 1)`` or ``()`` (the last two give a constant
-        diagonal); the product must be square. Cost ``O(1)``: nothing is factorised until a solve.
+        diagonal), its leading dims broadcasting to the FactoredMatrix's without adding any (as in
+        linear_operator; ``fm + DiagLinearOperator(d)`` broadcasts both ways); the product must be
+        square. Cost ``O(1)``: nothing is factorised until a solve.
         """
         from lowrank_op import added_diag
 
