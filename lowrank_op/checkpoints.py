@@ -149,6 +149,10 @@ class AttentionWeights:
 
 
 # --- The number of heads --------------------------------------------------------------------------
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def read_config_n_heads(weights_path: str | Path) -> tuple[int | None, Path | None]:
     """The number of heads in a config.json beside ``weights_path``, or ``(None, None)``.
 
@@ -164,7 +168,7 @@ def read_config_n_heads(weights_path: str | Path) -> tuple[int | None, Path | No
     for key in CONFIG_N_HEADS_KEYS:
         if isinstance(data, dict) and key in data:
             value = data[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_positive_int(value):
                 raise CheckpointError(f"{config}: `{key}` must be a positive integer, got {value!r}.")
             return value, config
     return None, config
@@ -193,7 +197,7 @@ def resolve_n_heads(d_model: int, n_heads: int | None = None, weights_path: str 
         When the value does not divide ``d_model``, the flag disagrees with config.json, or no
         value is given and ``d_model`` is not a multiple of ``DEFAULT_D_HEAD``.
     """
-    if n_heads is not None and (not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1):
+    if n_heads is not None and not _is_positive_int(n_heads):
         raise ValueError(f"`n_heads` (--n-heads) must be a positive integer, got {n_heads!r}.")
     from_config, config = read_config_n_heads(weights_path) if weights_path is not None else (None, None)
     if from_config is not None:
@@ -410,7 +414,7 @@ def random_weights(
     d_model) d_model`` numbers (268 MB in float32 at GPT-2 small's shapes).
     """
     for name, value in (("n_layers", n_layers), ("n_heads", n_heads), ("d_model", d_model), ("d_vocab", d_vocab)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_positive_int(value):
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if d_model % n_heads:
         raise ValueError(f"`n_heads` ({n_heads}) must divide `d_model` ({d_model}).")

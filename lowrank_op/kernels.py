@@ -273,6 +273,11 @@ def diagonal(A: Tensor, B: Tensor) -> Tensor:
 
 
 # --- Eigenvalues ----------------------------------------------------------------------------------
+def _pad_zeros(values: Tensor, size: int) -> Tensor:
+    """``values`` (..., k) extended with exact zeros to (..., size): the null space's eigenvalues."""
+    return torch.cat([values, values.new_zeros((*values.shape[:-1], size - values.shape[-1]))], dim=-1)
+
+
 def _sort_by_magnitude(values: Tensor) -> Tensor:
     order = torch.sort(values.abs(), dim=-1, descending=True, stable=True).indices
     return torch.gather(values, -1, order)
@@ -292,9 +297,7 @@ def eigvals(A: Tensor, B: Tensor) -> Tensor:
     A, B = promote(A, B)
     ldim, mdim = A.shape[-2:]
     if ldim < mdim:
-        values = torch.linalg.eigvals(A @ B)
-        zeros = values.new_zeros((*values.shape[:-1], mdim - ldim))
-        values = torch.cat([values, zeros], dim=-1)
+        values = _pad_zeros(torch.linalg.eigvals(A @ B), mdim)
     else:
         values = torch.linalg.eigvals(B @ A)
     return _sort_by_magnitude(values)
@@ -367,12 +370,12 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
     if not eigenvectors:
         evals = torch.linalg.eigvalsh(T)
         if Q is not None:
-            evals = torch.sort(torch.cat([evals, evals.new_zeros((*evals.shape[:-1], n - mdim))], -1), -1).values
+            evals = torch.sort(_pad_zeros(evals, n), -1).values
         return evals, None
     evals, W = torch.linalg.eigh(T)
     if Q is None:
         return evals, W
-    evals = torch.cat([evals, evals.new_zeros((*evals.shape[:-1], n - mdim))], -1)
+    evals = _pad_zeros(evals, n)
     evecs = torch.cat([Q @ W, Q_full[..., mdim:]], -1)
     order = torch.sort(evals, dim=-1, stable=True).indices
     evals = torch.gather(evals, -1, order)
