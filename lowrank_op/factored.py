@@ -113,14 +113,13 @@ class FactoredMatrix(LinearOperator):
         A, B = self.A, self.B
         return A.reshape((1,) * (nb + 2 - A.dim()) + A.shape), B.reshape((1,) * (nb + 2 - B.dim()) + B.shape)
 
-    def _expanded(self) -> tuple[Tensor, Tensor]:
-        """``A`` and ``B`` expanded (as views) to the full batch shape."""
-        bs = self.batch_shape
+    def _expanded(self, batch_shape: torch.Size | None = None) -> tuple[Tensor, Tensor]:
+        """``A`` and ``B`` expanded (as views) to ``batch_shape``, by default the full batch shape."""
+        bs = tuple(self.batch_shape if batch_shape is None else batch_shape)
         return self.A.expand(*bs, *self.A.shape[-2:]), self.B.expand(*bs, *self.B.shape[-2:])
 
     def _expand_batch(self, batch_shape: torch.Size) -> FactoredMatrix:
-        bs = tuple(batch_shape)
-        return FactoredMatrix(self.A.expand(*bs, *self.A.shape[-2:]), self.B.expand(*bs, *self.B.shape[-2:]))
+        return FactoredMatrix(*self._expanded(batch_shape))
 
     def _unsqueeze_batch(self, dim: int) -> FactoredMatrix:
         A, B = self._aligned()
