@@ -8,6 +8,7 @@ from lowrank_op.factored import FactoredMatrix, UndefinedGradientWarning
 from lowrank_op.added_diag import FactoredAddedDiag  # importing it installs the ``diag + fm`` hook
 from lowrank_op.woodbury import IllConditionedWarning
 from lowrank_op.scores import composition_scores
+from lowrank_op._checks import PerformanceWarning
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "FactoredMatrix",
     "FactoredAddedDiag",
     "IllConditionedWarning",
+    "PerformanceWarning",
     "UndefinedGradientWarning",
     "composition_scores",
     "__version__",

@@ -6,6 +6,7 @@ Never ``assert``: these checks must survive ``python -O``.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -75,6 +76,22 @@ def check_factors(A: object, B: object) -> torch.Size:
             f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
         )
     return check_broadcast("`A`", A.shape, "`B`", B.shape)
+
+
+class PerformanceWarning(RuntimeWarning):
+    """An operation will run much slower than its factored cost suggests (a host round-trip, say)."""
+
+
+def warn_off_host(X: Tensor, what: str) -> None:
+    """Warn once per call that ``what`` moves vectors between ``X``'s device and the host."""
+    if X.device.type != "cpu":
+        warnings.warn(
+            f"{what} runs on the host: every operator application copies a vector from {X.device} "
+            "to the host and back, and the host waits for the device each time. Use method='exact' "
+            "(it runs on the device) or move the factors with .cpu() to avoid the round-trips.",
+            PerformanceWarning,
+            stacklevel=3,
+        )
 
 
 def as_scalar(name: str, value: object, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -67,6 +67,8 @@ class FactoredMatrix(LinearOperator):
     ``svd()``, ``S``              ``O((ldim + rdim) mdim^2 + mdim^3)``
     ``norm()``                    ``O((ldim + rdim) mdim^2)`` (two Gram matrices)
     ``eigenvalues``               ``O(ldim mdim^2 + mdim^3)``
+    ``svds(k)``, ``eigs(k)``      exact as above, or ARPACK at ``O((ldim + rdim) mdim)`` per
+                                  application (``method="auto"`` chooses)
     ``AB`` / ``to_dense()``       ``O(ldim mdim rdim)`` time, ``ldim x rdim`` memory
     ============================  ===============================================
 
@@ -330,6 +332,55 @@ class FactoredMatrix(LinearOperator):
         """
         self._require_square("eigenvalues")
         return self._cached("eigvals", lambda: kernels.eigvals(self.A, self.B))
+
+    def svds(self, k: int = 6, method: str = "auto", **options) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+        """The ``k`` largest singular triplets, ``(U, S, Vh)`` laid out as :meth:`svd` returns them.
+
+        ``method`` is ``"auto"``, ``"exact"``, ``"arpack"`` or ``"propack"``; ``options`` are
+        ``return_singular_vectors``, ``tol``, ``maxiter``, ``random_state`` and ``progress``. See
+        :func:`lowrank_op.topk.svds` for the ``"auto"`` rule and the costs.
+
+        Examples
+        --------
+        >>> fm = FactoredMatrix(torch.randn(3000, 500), torch.randn(500, 3000))
+        >>> U, S, Vh = fm.svds(10, method="arpack")
+        >>> torch.allclose(S, fm.S[:10], rtol=1e-4)
+        True
+        """
+        from lowrank_op import topk
+
+        return topk.svds(self.A, self.B, k, method, **options)
+
+    def eigs(self, k: int = 6, method: str = "auto", **options) -> Tensor:
+        """The ``k`` eigenvalues of largest modulus of the square product, complex, shape ``(..., k)``.
+
+        ``method`` is ``"auto"``, ``"exact"`` or ``"arpack"`` (Arnoldi on the smaller of ``AB``
+        and ``BA``); ``options`` are ``tol``, ``maxiter``, ``random_state`` and ``progress``. See
+        :func:`lowrank_op.topk.eigs`. ``eigenvalues`` keeps returning all of them.
+        """
+        from lowrank_op import topk
+
+        return topk.eigs(self.A, self.B, k, method, **options)
+
+    def to_scipy(self):
+        """This 2-D product as a ``scipy.sparse.linalg.LinearOperator``, applied through the factors.
+
+        For SciPy's iterative solvers (``lsqr``, ``lsmr``, ``gmres``, ``svds``, ...). Its
+        ``matvec`` costs ``O((ldim + rdim) mdim)``; its dtype is the factors' (float32 for 16-bit
+        factors); it records no gradients. Factors on a GPU stay there and every application
+        copies a vector to the device and back (a ``PerformanceWarning`` says so once).
+        See :class:`lowrank_op.scipy_bridge.FactoredScipyOperator`.
+        """
+        if self.A.dim() != 2 or self.B.dim() != 2:
+            raise ValueError(
+                f"to_scipy() needs a 2-D FactoredMatrix; this one has shape {tuple(self.shape)}. Index "
+                "one matrix first, e.g. fm[0].to_scipy() (or fm[layer, head] for more leading dims)."
+            )
+        from lowrank_op import scipy_bridge
+        from lowrank_op._checks import warn_off_host
+
+        warn_off_host(self.A, "to_scipy()")
+        return scipy_bridge.FactoredScipyOperator(self.A, self.B)
 
     def norm(self, method: str = "auto") -> Tensor:
         """Frobenius norm, shape ``(...)``, from two ``mdim x mdim`` Gram matrices (no SVD).

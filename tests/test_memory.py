@@ -47,6 +47,11 @@ OPERATIONS = {
     "get_corner": lambda fm: fm.get_corner(3),
     "pinv": lambda fm: fm.pinv(),
     "lstsq": lambda fm: fm.lstsq(torch.randn(LDIM, 2, dtype=fm.dtype)),
+    "svds_exact": lambda fm: fm.svds(3, method="exact"),
+    "svds_arpack": lambda fm: fm.svds(3, method="arpack"),
+    "svds_propack": lambda fm: fm.svds(3, method="propack"),
+    "to_scipy_matmat": lambda fm: fm.to_scipy().matmat(torch.randn(RDIM, 3, dtype=fm.dtype).numpy()),
+    "to_scipy_rmatvec": lambda fm: fm.to_scipy().rmatvec(torch.randn(LDIM, dtype=fm.dtype).numpy()),
 }
 
 SQUARE_OPERATIONS = {
@@ -55,6 +60,8 @@ SQUARE_OPERATIONS = {
     "diagonal": lambda fm: fm.diagonal(),
     "eigvalsh": lambda fm: torch.linalg.eigvalsh(FactoredMatrix(fm.A, fm.A.mT)),
     "logdet": lambda fm: fm.logdet(),
+    "eigs_exact": lambda fm: fm.eigs(3, method="exact"),
+    "eigs_arpack": lambda fm: fm.eigs(3, method="arpack"),
     "woodbury_solve": lambda fm: fm.add_jitter(1.0).solve(torch.randn(LDIM, 2, dtype=fm.dtype)),
     "woodbury_logdet": lambda fm: fm.add_jitter(1.0).logdet(),
     "woodbury_inv_quad_logdet": lambda fm: fm.add_jitter(1.0).inv_quad_logdet(
