@@ -82,15 +82,16 @@ class PerformanceWarning(RuntimeWarning):
     """An operation will run much slower than its factored cost suggests (a host round-trip, say)."""
 
 
-def warn_off_host(X: Tensor, what: str) -> None:
-    """Warn once per call that ``what`` moves vectors between ``X``'s device and the host."""
+def warn_off_host(X: Tensor, what: str, stacklevel: int = 3) -> None:
+    """Warn once per call that ``what`` moves vectors between ``X``'s device and the host;
+    ``stacklevel`` counts from this function (3: the caller of its caller)."""
     if X.device.type != "cpu":
         warnings.warn(
             f"{what} runs on the host: every operator application copies a vector from {X.device} "
             "to the host and back, and the host waits for the device each time. Use method='exact' "
             "(it runs on the device) or move the factors with .cpu() to avoid the round-trips.",
             PerformanceWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

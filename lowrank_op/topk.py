@@ -130,16 +130,17 @@ def _records_gradients(A: Tensor, B: Tensor) -> bool:
 
 
 def _warn_for_krylov(method: str, A: Tensor, B: Tensor) -> None:
-    """Warn, once per call, about what an explicitly chosen Krylov method cannot do here."""
+    """Warn, once per call, about what an explicitly chosen Krylov method cannot do here (the
+    warnings point at the caller of :func:`svds` or :func:`eigs`)."""
     if method in ("arpack", "propack"):
-        warn_off_host(A, f"method={method!r}")
+        warn_off_host(A, f"method={method!r}", stacklevel=4)
         if _records_gradients(A, B):
             warnings.warn(
                 f"method={method!r} records no gradients: its results are detached from A and B. "
                 "Use method='exact' (or 'auto', which takes the exact path while gradients are "
                 "recorded) to differentiate.",
                 UndefinedGradientWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
 
