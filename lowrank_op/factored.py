@@ -14,7 +14,7 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
 from lowrank_op import kernels
-from lowrank_op._checks import as_scalar, check_broadcast, check_factors
+from lowrank_op._checks import as_scalar, check_broadcast, check_factors, warn_off_host
 from lowrank_op._indexing import normalize_index
 
 
@@ -377,7 +377,6 @@ class FactoredMatrix(LinearOperator):
                 "one matrix first, e.g. fm[0].to_scipy() (or fm[layer, head] for more leading dims)."
             )
         from lowrank_op import scipy_bridge
-        from lowrank_op._checks import warn_off_host
 
         warn_off_host(self.A, "to_scipy()")
         return scipy_bridge.FactoredScipyOperator(self.A, self.B)

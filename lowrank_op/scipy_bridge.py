@@ -80,7 +80,7 @@ class FactoredScipyOperator(sla.LinearOperator):
     def _apply(self, left: Tensor, right: Tensor, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X)
         out_dtype = np.result_type(self.dtype, X.dtype)
-        if np.iscomplexobj(X) and not np.iscomplexobj(np.empty(0, self.dtype)):
+        if np.iscomplexobj(X) and not np.issubdtype(self.dtype, np.complexfloating):
             return self._apply(left, right, X.real) + 1j * self._apply(left, right, X.imag)
         n = X.shape[1] if X.ndim == 2 else 1
         if self.max_applications is not None and self.applications + n > self.max_applications:

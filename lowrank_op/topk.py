@@ -72,6 +72,14 @@ def exact_seconds(kind: str, ldim: int, mdim: int, rdim: int) -> float:
     return per_unit * ((ldim + rdim) * mdim**2 + mdim**3)
 
 
+def arpack_k_limit(kind: str, ldim: int, mdim: int, rdim: int) -> tuple[int, str]:
+    """The largest ``k`` ARPACK can deliver, and the rule in SciPy's wording: ``k < min(ldim, rdim)``
+    for singular values, ``k < n - 1`` for eigenvalues of the ``n x n`` operator Arnoldi runs on."""
+    if kind == "eigs":
+        return min(ldim, mdim) - 2, "0 < k < min(ldim, mdim) - 1"
+    return min(ldim, rdim) - 1, "0 < k < min(ldim, rdim)"
+
+
 def plan(kind: str, ldim: int, mdim: int, rdim: int, k: int) -> tuple[str, int | None]:
     """What ``method="auto"`` runs for one ``ldim x rdim`` product of inner dim ``mdim``.
 
@@ -95,16 +103,12 @@ def plan(kind: str, ldim: int, mdim: int, rdim: int, k: int) -> tuple[str, int |
     ARPACK needs at least ``ncv = max(2k + 1, 20)`` Krylov steps, each two applications for
     singular values (of ``A B`` and of its adjoint) and one for eigenvalues; ``"arpack"`` is
     planned when the budget holds ``AUTO_MIN_KRYLOV_RUNS`` such runs and ARPACK can deliver
-    ``k`` values at all (``k < min(ldim, rdim)`` for singular values, ``k < n - 1`` for
-    eigenvalues of the ``n x n`` operator Arnoldi runs on).
+    ``k`` values at all (:func:`arpack_k_limit`).
     """
     check_choice("kind", kind, KINDS)
-    if kind == "eigs":
-        per_step, arpack_limit = 1, min(ldim, mdim) - 2
-    else:
-        per_step, arpack_limit = 2, min(ldim, rdim) - 1
+    per_step = 1 if kind == "eigs" else 2
     budget = int(exact_seconds(kind, ldim, mdim, rdim) / application_seconds(ldim, mdim, rdim))
-    if k > arpack_limit or budget < AUTO_MIN_KRYLOV_RUNS * per_step * _ncv(k):
+    if k > arpack_k_limit(kind, ldim, mdim, rdim)[0] or budget < AUTO_MIN_KRYLOV_RUNS * per_step * _ncv(k):
         return "exact", None
     return "arpack", budget
 
@@ -114,6 +118,10 @@ def _check_k(k: object, limit: int, rule: str, advice: str = "") -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 < int(k) <= limit:
         raise ValueError(f"`k` must be an integer satisfying `{rule}` (= {limit} here); got {k!r}.{advice}")
     return int(k)
+
+
+def _check_arpack_k(kind: str, k: int, ldim: int, mdim: int, rdim: int) -> None:
+    _check_k(k, *arpack_k_limit(kind, ldim, mdim, rdim), " ARPACK needs it; use method='exact'.")
 
 
 def _check_options(tol: object, maxiter: object, random_state: object) -> None:
@@ -276,7 +284,7 @@ def svds(
     ldim, mdim, rdim = A.shape[-2], A.shape[-1], B.shape[-1]
     k = _check_k(k, min(ldim, mdim, rdim), "0 < k <= min(ldim, mdim, rdim)")
     if method == "arpack":
-        _check_k(k, min(ldim, rdim) - 1, "0 < k < min(ldim, rdim)", " ARPACK needs it; use method='exact'.")
+        _check_arpack_k("svd", k, ldim, mdim, rdim)
     _warn_for_krylov(method, A, B)
     options = dict(tol=float(tol), maxiter=maxiter, random_state=int(random_state))
     want = bool(return_singular_vectors)
@@ -355,7 +363,7 @@ def eigs(
         )
     k = _check_k(k, min(ldim, mdim), "0 < k <= min(ldim, mdim)")
     if method == "arpack":
-        _check_k(k, min(ldim, mdim) - 2, "0 < k < min(ldim, mdim) - 1", " ARPACK needs it; use method='exact'.")
+        _check_arpack_k("eigs", k, ldim, mdim, rdim)
     _warn_for_krylov(method, A, B)
     options = dict(tol=float(tol), maxiter=maxiter, random_state=int(random_state))
 
