@@ -4,11 +4,10 @@
 TransformerLens's ``FactoredMatrix`` surface and decompositions that never form the product.
 """
 
-from lowrank_op.factored import FactoredMatrix, UndefinedGradientWarning
+from lowrank_op.errors import IllConditionedWarning, KrylovFailure, PerformanceWarning, UndefinedGradientWarning
+from lowrank_op.factored import FactoredMatrix
 from lowrank_op.added_diag import FactoredAddedDiag  # importing it installs the ``diag + fm`` hook
-from lowrank_op.woodbury import IllConditionedWarning
 from lowrank_op.scores import composition_scores
-from lowrank_op._checks import PerformanceWarning
 
 __version__ = "0.1.0"
 
@@ -16,6 +15,7 @@ __all__ = [
     "FactoredMatrix",
     "FactoredAddedDiag",
     "IllConditionedWarning",
+    "KrylovFailure",
     "PerformanceWarning",
     "UndefinedGradientWarning",
     "composition_scores",

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lowrank_op.errors import PerformanceWarning
+
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``, naming the set."""
@@ -76,10 +78,6 @@ def check_factors(A: object, B: object) -> torch.Size:
             f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
         )
     return check_broadcast("`A`", A.shape, "`B`", B.shape)
-
-
-class PerformanceWarning(RuntimeWarning):
-    """An operation will run much slower than its factored cost suggests (a host round-trip, say)."""
 
 
 def warn_off_host(X: Tensor, what: str, stacklevel: int = 3) -> None:

@@ -45,6 +45,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from lowrank_op import woodbury
+from lowrank_op._cache import ResultCache
 from lowrank_op._checks import check_broadcast
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.kernels import promote
@@ -95,9 +96,10 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
     real operator is negative (possible when ``A @ B`` is not positive definite or ``d`` has
     negative entries). :meth:`slogdet` returns the sign and ``log|det|``.
 
-    The factorisation is cached on the instance when no gradient is being recorded, keyed on the
-    factors' in-place version counters (in-place edits invalidate it); with gradients it is
-    recomputed per call, so each result has its own autograd graph.
+    The factorisation is cached on the instance under the package's one rule
+    (:mod:`lowrank_op._cache`): reused only while ``A``, ``B`` and ``d`` hold the same contents and
+    no gradient is being recorded; with gradients it is recomputed per call, so each result has its
+    own autograd graph.
 
     Examples
     --------
@@ -113,7 +115,7 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
     def __init__(self, *linear_ops: LinearOperator, preconditioner_override=None):
         _check_operands(linear_ops)
         super().__init__(*linear_ops, preconditioner_override=preconditioner_override)
-        self._woodbury_cache: tuple[tuple, woodbury.WoodburyFactor] | None = None
+        self._cache = ResultCache()
 
     @property
     def factored(self) -> FactoredMatrix:
@@ -121,19 +123,13 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
         return self._linear_op
 
     def _factorization(self) -> woodbury.WoodburyFactor:
-        tensors = self.representation()
-        key = tuple((id(t), t._version) for t in tensors)
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if not recording and self._woodbury_cache is not None and self._woodbury_cache[0] == key:
-            return self._woodbury_cache[1]
-        A, B, d = self._linear_op.A, self._linear_op.B, self._diag_tensor._diagonal()
-        factor = woodbury.factorize(A, B, d, woodbury.is_hermitian_pair(A, B, d))
-        self._woodbury_cache = None if recording else (key, factor)
-        return factor
+        """The Woodbury factorisation, from this instance's cache (:mod:`lowrank_op._cache` says when)."""
 
-    def _set_requires_grad(self, val: bool) -> None:
-        self._woodbury_cache = None
-        super()._set_requires_grad(val)
+        def compute() -> woodbury.WoodburyFactor:
+            A, B, d = self._linear_op.A, self._linear_op.B, self._diag_tensor._diagonal()
+            return woodbury.factorize(A, B, d, woodbury.is_hermitian_pair(A, B, d))
+
+        return self._cache.get_or_compute("woodbury", self.representation(), compute)
 
     def _warning(self, factor: woodbury.WoodburyFactor) -> str | None:
         # Exactly singular members are not "ill-conditioned": solves raise, logdet is -inf.

@@ -14,8 +14,10 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
 from lowrank_op import kernels
+from lowrank_op._cache import ResultCache
 from lowrank_op._checks import as_scalar, check_broadcast, check_factors, warn_off_host
 from lowrank_op._indexing import normalize_index
+from lowrank_op.errors import UndefinedGradientWarning
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -25,10 +27,6 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
         grad = grad.sum(tuple(range(extra)))
     dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
     return grad.sum(dims, keepdim=True) if dims else grad
-
-
-class UndefinedGradientWarning(RuntimeWarning):
-    """A result is fine but its gradient is undefined (singular vectors of repeated singular values)."""
 
 
 def _warn_if_repeated(S: Tensor) -> None:
@@ -78,8 +76,10 @@ class FactoredMatrix(LinearOperator):
     linear_operator's contract (a Tensor in gives a Tensor out) so GPyTorch keeps working.
 
     Results of ``svd()``, ``S`` and ``eigenvalues`` are cached on the instance (not in a global
-    cache, so the instance can be freed) and recomputed after an in-place change of ``A`` or ``B``
-    (an optimizer step, say), which torch's version counters reveal.
+    cache, so the instance can be freed) under the package's one rule (:mod:`lowrank_op._cache`):
+    reused only while the factors hold the same contents (in-place edits, ``.data`` edits and NumPy
+    views all count) and only for results without an autograd graph, so every call that records
+    gradients gets a graph of its own.
 
     Examples
     --------
@@ -93,7 +93,7 @@ class FactoredMatrix(LinearOperator):
     def __init__(self, A: Tensor, B: Tensor):
         check_factors(A, B)
         super().__init__(A, B)
-        self._decompositions: dict[str, object] = {}
+        self._cache = ResultCache()
 
     # --- linear_operator's required hooks ---------------------------------------------------------
     def _size(self) -> torch.Size:
@@ -169,10 +169,6 @@ class FactoredMatrix(LinearOperator):
             grads.append(None)
         return tuple(grads)
 
-    def _set_requires_grad(self, val: bool) -> None:
-        self._decompositions.clear()
-        super()._set_requires_grad(val)
-
     def _svd(self) -> tuple[LinearOperator, Tensor, LinearOperator]:
         U, S, V = self.svd()
         return DenseLinearOperator(U), S, DenseLinearOperator(V)
@@ -241,19 +237,9 @@ class FactoredMatrix(LinearOperator):
                 f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim}).{' ' + advice if advice else ''}"
             )
 
-    def _lookup(self, key: str):
-        """A cached decomposition, or None if absent or computed before an in-place change of A or B."""
-        hit = self._decompositions.get(key)
-        if hit is None or hit[0] != (self.A._version, self.B._version):
-            return None
-        return hit[1]
-
     def _cached(self, key: str, compute):
-        value = self._lookup(key)
-        if value is None:
-            value = compute()
-            self._decompositions[key] = ((self.A._version, self.B._version), value)
-        return value
+        """``compute()``, or its result from this instance's cache (:mod:`lowrank_op._cache` says when)."""
+        return self._cache.get_or_compute(key, (self.A, self.B), compute)
 
     def svd(self, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD through the factors: ``(U, S, Vh)`` with ``U @ diag(S) @ Vh.mH == AB``.
@@ -297,7 +283,7 @@ class FactoredMatrix(LinearOperator):
 
     def svdvals(self, method: str = "auto") -> Tensor:
         """Singular values, shape ``(..., k)``, descending, without forming U or V."""
-        decomposition = self._lookup(f"svd:{method}")
+        decomposition = self._cache.get(f"svd:{method}", (self.A, self.B))
         if decomposition is not None:
             return decomposition[1]
         return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self.A, self.B, method=method))
@@ -532,7 +518,7 @@ class FactoredMatrix(LinearOperator):
     def __getstate__(self) -> dict:
         # Cached decompositions may hold autograd graphs, which do not pickle; they are recomputed.
         state = self.__dict__.copy()
-        state["_decompositions"] = {}
+        state["_cache"] = ResultCache()
         return state
 
     # --- sums, diagonals and solves (lowrank_op.woodbury) ---

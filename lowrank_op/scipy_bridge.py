@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels
+from lowrank_op.errors import BudgetExceeded, KrylovFailure
 
 #: PROPACK's default Lanczos basis size (SciPy's ``maxiter`` for ``solver="propack"``) is
 #: ``max(10 k, PROPACK_MIN_BASIS)``: SciPy's ``10 k`` alone did not converge for k = 1 on a
@@ -36,14 +37,6 @@ _NUMPY_DTYPES = {
     torch.complex64: np.complex64,
     torch.complex128: np.complex128,
 }
-
-
-class KrylovFailure(RuntimeError):
-    """ARPACK or PROPACK did not deliver the wanted values (not converged, or out of budget)."""
-
-
-class BudgetExceeded(KrylovFailure):
-    """A Krylov solver applied the operator more often than its budget allowed."""
 
 
 class FactoredScipyOperator(sla.LinearOperator):

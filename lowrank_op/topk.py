@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lowrank_op import kernels
 from lowrank_op._checks import check_choice, warn_off_host
-from lowrank_op.factored import UndefinedGradientWarning
+from lowrank_op.errors import UndefinedGradientWarning
 
 SVDS_METHODS = ("auto", "exact", "arpack", "propack")
 EIGS_METHODS = ("auto", "exact", "arpack")

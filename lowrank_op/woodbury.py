@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lowrank_op.errors import IllConditionedWarning
 from lowrank_op.kernels import promote
 
 # --- Thresholds (the only place they live) -------------------------------------------------------
@@ -58,10 +59,6 @@ ILL_CONDITIONED_RCOND = 1.0
 #: Iterations of Hager's 1-norm estimator (each two ``mdim x mdim`` triangular solve pairs with one
 #: vector). LAPACK's ``xLACN2`` stops after at most 5.
 CONDEST_ITERATIONS = 5
-
-
-class IllConditionedWarning(RuntimeWarning):
-    """A solve or log-determinant went through a numerically singular (ill-conditioned) matrix."""
 
 
 class WoodburyFactor(NamedTuple):

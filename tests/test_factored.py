@@ -567,8 +567,10 @@ def test_cached_decompositions_follow_in_place_changes():
     with torch.no_grad():
         A.mul_(2.0)
     torch.testing.assert_close(fm.svd()[1], torch.linalg.svdvals(A.detach() @ B)[:3])
-    first = fm.svd()
-    assert fm.svd() is first  # unchanged factors: the cached result
+    with torch.no_grad():
+        first = fm.svd()
+        assert fm.svd() is first  # unchanged factors, no graph wanted: the cached result
+    assert fm.svd()[1] is not fm.svd()[1]  # a graph is wanted: each call gets its own
 
 
 def test_products_refuse_a_different_dtype():
