@@ -126,7 +126,7 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
         """The Woodbury factorisation, from this instance's cache (:mod:`lowrank_op._cache` says when)."""
 
         def compute() -> woodbury.WoodburyFactor:
-            A, B, d = self._linear_op.A, self._linear_op.B, self._diag_tensor._diagonal()
+            A, B, d = self._linear_op._A, self._linear_op._B, self._diag_tensor._diagonal()
             return woodbury.factorize(A, B, d, woodbury.is_hermitian_pair(A, B, d))
 
         return self._cache.get_or_compute("woodbury", self.representation(), compute)
@@ -336,7 +336,7 @@ def add(fm: FactoredMatrix, other: object):
                 f"FactoredMatrix of shape {tuple(other.shape)}; the last two dims must be equal."
             )
         check_broadcast("FactoredMatrix", fm.shape, "FactoredMatrix", other.shape)
-        return FactoredMatrix(*woodbury.concat_factors(fm.A, fm.B, other.A, other.B))
+        return FactoredMatrix(*woodbury.concat_factors(fm._A, fm._B, other._A, other._B))
     if isinstance(other, DiagLinearOperator):
         return FactoredAddedDiag(fm, other)
     if isinstance(other, FactoredAddedDiag):
@@ -375,7 +375,7 @@ def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor 
             "`fm.pinv()`; to regularise, solve `fm.add_jitter(v)` or `fm + diag` (Woodbury)."
         )
     rhs, vector = _as_columns("right_tensor", right_tensor, fm)
-    result, cond = woodbury.product_solve(fm.A, fm.B, rhs)
+    result, cond = woodbury.product_solve(fm._A, fm._B, rhs)
     woodbury.warn_ill_conditioned(
         woodbury.ill_conditioned_message("A @ B", cond, result.dtype, "Use `fm.lstsq(y)` or `fm.pinv()`."),
         stacklevel=3,
@@ -396,7 +396,7 @@ def slogdet_product(fm: FactoredMatrix) -> tuple[Tensor, Tensor]:
     determinant is exactly zero; otherwise the ``n x n`` product (no larger than ``A``) is formed
     and LU-factorised, ``O(n^2 mdim + n^3)``."""
     fm._require_square("slogdet/logdet")
-    A, B = promote(fm.A, fm.B)
+    A, B = promote(fm._A, fm._B)
     if fm.mdim < fm.ldim:
         sign = A.new_zeros(fm.batch_shape)
         return sign, torch.full(fm.batch_shape, -torch.inf, dtype=A.dtype.to_real(), device=A.device)

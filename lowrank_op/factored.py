@@ -100,25 +100,25 @@ class FactoredMatrix(LinearOperator):
         return torch.Size((*self.batch_shape, self.ldim, self.rdim))
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return self.A @ (self.B @ rhs)
+        return self._A @ (self._B @ rhs)
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self.B.mT @ (self.A.mT @ rhs)
+        return self._B.mT @ (self._A.mT @ rhs)
 
     def _transpose_nonbatch(self) -> FactoredMatrix:
-        return FactoredMatrix(self.B.mT, self.A.mT)
+        return FactoredMatrix(self._B.mT, self._A.mT)
 
     # --- linear_operator's hooks, overridden where the factors make them cheap or right ------------
     def _aligned(self) -> tuple[Tensor, Tensor]:
         """``A`` and ``B`` viewed with the same number of leading dims (size-1 where broadcast)."""
         nb = len(self.batch_shape)
-        A, B = self.A, self.B
+        A, B = self._A, self._B
         return A.reshape((1,) * (nb + 2 - A.dim()) + A.shape), B.reshape((1,) * (nb + 2 - B.dim()) + B.shape)
 
     def _expanded(self, batch_shape: torch.Size | None = None) -> tuple[Tensor, Tensor]:
         """``A`` and ``B`` expanded (as views) to ``batch_shape``, by default the full batch shape."""
         bs = tuple(self.batch_shape if batch_shape is None else batch_shape)
-        return self.A.expand(*bs, *self.A.shape[-2:]), self.B.expand(*bs, *self.B.shape[-2:])
+        return self._A.expand(*bs, *self._A.shape[-2:]), self._B.expand(*bs, *self._B.shape[-2:])
 
     def _expand_batch(self, batch_shape: torch.Size) -> FactoredMatrix:
         return FactoredMatrix(*self._expanded(batch_shape))
@@ -145,13 +145,13 @@ class FactoredMatrix(LinearOperator):
         return (rows * cols).sum(-1)
 
     def _diagonal(self) -> Tensor:
-        return kernels.diagonal(self.A, self.B)
+        return kernels.diagonal(self._A, self._B)
 
     def _mul_constant(self, other: float | Tensor) -> FactoredMatrix:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
         if other.dim():  # a batch of constants, shape batch_shape
             other = other[..., None, None]
-        return FactoredMatrix(self.A * other, self.B)
+        return FactoredMatrix(self._A * other, self._B)
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
         # d/dA sum_i u_i^T A B v_i = U (B V)^H and d/dB = (A^H U) V^H (torch's convention for complex
@@ -159,12 +159,12 @@ class FactoredMatrix(LinearOperator):
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         grads = []
-        if self.A.requires_grad:
-            grads.append(_sum_to_shape(left_vecs @ (self.B @ right_vecs).mH, self.A.shape))
+        if self._A.requires_grad:
+            grads.append(_sum_to_shape(left_vecs @ (self._B @ right_vecs).mH, self._A.shape))
         else:
             grads.append(None)
-        if self.B.requires_grad:
-            grads.append(_sum_to_shape((self.A.mH @ left_vecs) @ right_vecs.mH, self.B.shape))
+        if self._B.requires_grad:
+            grads.append(_sum_to_shape((self._A.mH @ left_vecs) @ right_vecs.mH, self._B.shape))
         else:
             grads.append(None)
         return tuple(grads)
@@ -175,39 +175,50 @@ class FactoredMatrix(LinearOperator):
 
     def _symeig(self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False):
         self._require_square("eigh/eigvalsh")
-        evals, evecs = kernels.symeig(self.A, self.B, eigenvectors=eigenvectors)
+        evals, evecs = kernels.symeig(self._A, self._B, eigenvectors=eigenvectors)
         return evals, (DenseLinearOperator(evecs) if evecs is not None else None)
 
     def to_dense(self) -> Tensor:
         """The dense product ``A @ B``, shape ``(..., ldim, rdim)``: costly, and not cached."""
-        return self.A @ self.B
+        return self._A @ self._B
 
     # --- the TransformerLens surface --------------------------------------------------------------
     @property
+    def _A(self) -> Tensor:
+        """The left factor as given (leading dims not broadcast): what every computation uses, so a
+        factor shared across the batch is factorised once."""
+        return self._args[0]
+
+    @property
+    def _B(self) -> Tensor:
+        """The right factor as given (leading dims not broadcast)."""
+        return self._args[1]
+
+    @property
     def A(self) -> Tensor:
         """The left factor, shape ``(..., ldim, mdim)``."""
-        return self._args[0]
+        return self._A
 
     @property
     def B(self) -> Tensor:
         """The right factor, shape ``(..., mdim, rdim)``."""
-        return self._args[1]
+        return self._B
 
     @property
     def batch_shape(self) -> torch.Size:
-        return torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2])
+        return torch.broadcast_shapes(self._A.shape[:-2], self._B.shape[:-2])
 
     @property
     def ldim(self) -> int:
-        return self.A.shape[-2]
+        return self._A.shape[-2]
 
     @property
     def mdim(self) -> int:
-        return self.A.shape[-1]
+        return self._A.shape[-1]
 
     @property
     def rdim(self) -> int:
-        return self.B.shape[-1]
+        return self._B.shape[-1]
 
     @property
     def pair(self) -> tuple[Tensor, Tensor]:
@@ -223,7 +234,7 @@ class FactoredMatrix(LinearOperator):
     def BA(self) -> Tensor:
         """The reverse product ``B @ A``, shape ``(..., mdim, mdim)``; needs ``ldim == rdim``."""
         self._require_square("BA")
-        return self.B @ self.A
+        return self._B @ self._A
 
     @property
     def T(self) -> FactoredMatrix:
@@ -239,7 +250,7 @@ class FactoredMatrix(LinearOperator):
 
     def _cached(self, key: str, compute):
         """``compute()``, or its result from this instance's cache (:mod:`lowrank_op._cache` says when)."""
-        return self._cache.get_or_compute(key, (self.A, self.B), compute)
+        return self._cache.get_or_compute(key, (self._A, self._B), compute)
 
     def svd(self, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD through the factors: ``(U, S, Vh)`` with ``U @ diag(S) @ Vh.mH == AB``.
@@ -276,17 +287,17 @@ class FactoredMatrix(LinearOperator):
             ``sqrt(eps) * S_max`` (zeros of a rank-deficient product included): the gradients of
             ``U`` and ``Vh`` are undefined there (those of ``S`` are fine).
         """
-        result = self._cached(f"svd:{method}", lambda: kernels.svd(self.A, self.B, method=method))
-        if torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad):
+        result = self._cached(f"svd:{method}", lambda: kernels.svd(self._A, self._B, method=method))
+        if torch.is_grad_enabled() and (self._A.requires_grad or self._B.requires_grad):
             _warn_if_repeated(result[1])
         return result
 
     def svdvals(self, method: str = "auto") -> Tensor:
         """Singular values, shape ``(..., k)``, descending, without forming U or V."""
-        decomposition = self._cache.get(f"svd:{method}", (self.A, self.B))
+        decomposition = self._cache.get(f"svd:{method}", (self._A, self._B))
         if decomposition is not None:
             return decomposition[1]
-        return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self.A, self.B, method=method))
+        return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self._A, self._B, method=method))
 
     @property
     def U(self) -> Tensor:
@@ -317,7 +328,7 @@ class FactoredMatrix(LinearOperator):
         ``ldim == rdim``. See :func:`lowrank_op.kernels.eigvals`.
         """
         self._require_square("eigenvalues")
-        return self._cached("eigvals", lambda: kernels.eigvals(self.A, self.B))
+        return self._cached("eigvals", lambda: kernels.eigvals(self._A, self._B))
 
     def svds(self, k: int = 6, method: str = "auto", **options) -> tuple[Tensor, Tensor, Tensor] | Tensor:
         """The ``k`` largest singular triplets, ``(U, S, Vh)`` laid out as :meth:`svd` returns them.
@@ -335,7 +346,7 @@ class FactoredMatrix(LinearOperator):
         """
         from lowrank_op import topk
 
-        return topk.svds(self.A, self.B, k, method, **options)
+        return topk.svds(self._A, self._B, k, method, **options)
 
     def eigs(self, k: int = 6, method: str = "auto", **options) -> Tensor:
         """The ``k`` eigenvalues of largest modulus of the square product, complex, shape ``(..., k)``.
@@ -346,7 +357,7 @@ class FactoredMatrix(LinearOperator):
         """
         from lowrank_op import topk
 
-        return topk.eigs(self.A, self.B, k, method, **options)
+        return topk.eigs(self._A, self._B, k, method, **options)
 
     def to_scipy(self):
         """This 2-D product as a ``scipy.sparse.linalg.LinearOperator``, applied through the factors.
@@ -357,15 +368,15 @@ class FactoredMatrix(LinearOperator):
         copies a vector to the device and back (a ``PerformanceWarning`` says so once).
         See :class:`lowrank_op.scipy_bridge.FactoredScipyOperator`.
         """
-        if self.A.dim() != 2 or self.B.dim() != 2:
+        if self._A.dim() != 2 or self._B.dim() != 2:
             raise ValueError(
                 f"to_scipy() needs a 2-D FactoredMatrix; this one has shape {tuple(self.shape)}. Index "
                 "one matrix first, e.g. fm[0].to_scipy() (or fm[layer, head] for more leading dims)."
             )
         from lowrank_op import scipy_bridge
 
-        warn_off_host(self.A, "to_scipy()")
-        return scipy_bridge.FactoredScipyOperator(self.A, self.B)
+        warn_off_host(self._A, "to_scipy()")
+        return scipy_bridge.FactoredScipyOperator(self._A, self._B)
 
     def norm(self, method: str = "auto") -> Tensor:
         """Frobenius norm, shape ``(...)``, from two ``mdim x mdim`` Gram matrices (no SVD).
@@ -373,12 +384,12 @@ class FactoredMatrix(LinearOperator):
         ``method`` is one of ``"auto"``, ``"gram"``, ``"qr"``; see
         :func:`lowrank_op.kernels.frobenius_norm` for the ``"auto"`` rule.
         """
-        return kernels.frobenius_norm(self.A, self.B, method=method)
+        return kernels.frobenius_norm(self._A, self._B, method=method)
 
     def trace(self) -> Tensor:
         """Trace of the square product, shape ``(...)``, cost ``O(ldim mdim)``."""
         self._require_square("trace")
-        return kernels.trace(self.A, self.B)
+        return kernels.trace(self._A, self._B)
 
     def make_even(self) -> FactoredMatrix:
         """The same matrix as ``(U sqrt(S), sqrt(S) Vh^H)``: inner dim k, balanced factors."""
@@ -398,7 +409,7 @@ class FactoredMatrix(LinearOperator):
 
     def get_corner(self, k: int = 3) -> Tensor:
         """The top-left ``k`` entries of every dim (leading dims too) of the product, as a Tensor."""
-        corner = self.A[..., :k, :] @ self.B[..., :, :k]
+        corner = self._A[..., :k, :] @ self._B[..., :, :k]
         return corner[tuple(slice(k) for _ in range(corner.dim()))]
 
     # --- operators ---------------------------------------------------------------------------------
@@ -408,30 +419,30 @@ class FactoredMatrix(LinearOperator):
             if self.rdim < min(self.mdim, other.mdim):
                 # Both dense products are no larger than the factors they come from.
                 return FactoredMatrix(self.to_dense(), other.to_dense())
-            core = self.B @ other.A  # (..., mdim, other.mdim)
+            core = self._B @ other._A  # (..., mdim, other.mdim)
             if other.mdim <= self.mdim:
-                return FactoredMatrix(self.A @ core, other.B)
-            return FactoredMatrix(self.A, core @ other.B)
+                return FactoredMatrix(self._A @ core, other._B)
+            return FactoredMatrix(self._A, core @ other._B)
         if isinstance(other, Tensor) and other.dim() >= 2:
             self._check_operand(other.shape[-2], self.rdim, "rows", other)
             if self.rdim > self.mdim:
-                return FactoredMatrix(self.A, self.B @ other)
+                return FactoredMatrix(self._A, self._B @ other)
             return FactoredMatrix(self.to_dense(), other)
         if isinstance(other, Tensor):
             self._check_operand(other.shape[-1] if other.dim() else None, self.rdim, "entries", other)
             # As a column, so that batched factors broadcast as they do in torch.matmul.
-            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
+            return (self._A @ (self._B @ other.unsqueeze(-1))).squeeze(-1)
         return super().__matmul__(other)
 
     def __rmatmul__(self, other):
         if isinstance(other, Tensor) and other.dim() >= 2:
             self._check_operand(other.shape[-1], self.ldim, "columns", other)
             if self.ldim > self.mdim:
-                return FactoredMatrix(other @ self.A, self.B)
+                return FactoredMatrix(other @ self._A, self._B)
             return FactoredMatrix(other, self.to_dense())
         if isinstance(other, Tensor):
             self._check_operand(other.shape[-1] if other.dim() else None, self.ldim, "entries", other)
-            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
+            return ((other.unsqueeze(-2) @ self._A) @ self._B).squeeze(-2)
         return super().__rmatmul__(other)
 
     def matmul(self, other):
@@ -455,15 +466,15 @@ class FactoredMatrix(LinearOperator):
         check_broadcast("FactoredMatrix", self.shape, "operand", other.shape)
 
     def __mul__(self, other) -> FactoredMatrix:
-        return FactoredMatrix(self.A * as_scalar("other", other, self.dtype, self.device), self.B)
+        return FactoredMatrix(self._A * as_scalar("other", other, self.dtype, self.device), self._B)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other) -> FactoredMatrix:
-        return FactoredMatrix(self.A / as_scalar("other", other, self.dtype, self.device), self.B)
+        return FactoredMatrix(self._A / as_scalar("other", other, self.dtype, self.device), self._B)
 
     def __neg__(self) -> FactoredMatrix:
-        return FactoredMatrix(-self.A, self.B)
+        return FactoredMatrix(-self._A, self._B)
 
     def __getitem__(self, index):
         new_dims, index = normalize_index(index, self.shape)

@@ -303,6 +303,19 @@ def eigvals(A: Tensor, B: Tensor) -> Tensor:
     return _sort_by_magnitude(values)
 
 
+def reverse_product_eigvals(A: Tensor, B: Tensor) -> Tensor:
+    """Eigenvalues of ``B @ A``, complex, shape ``(..., mdim)``, in LAPACK's order (unsorted).
+
+    What TransformerLens's ``FactoredMatrix.eigenvalues`` returns: ``torch.linalg.eig(B @ A)``.
+    For a square ``A @ B`` these are its non-zero eigenvalues plus, when ``mdim > ldim``,
+    ``mdim - ldim`` more that are zero up to rounding (compare :func:`eigvals`, which sorts by
+    modulus and makes those zeros exact). Cost ``O(ldim mdim^2 + mdim^3)``. 16-bit inputs are
+    computed in float32 (complex64 results).
+    """
+    A, B = promote(A, B)
+    return torch.linalg.eigvals(B @ A)
+
+
 def _hermitian_defect(T: Tensor, R_A: Tensor | None = None, B: Tensor | None = None, Q: Tensor | None = None) -> Tensor:
     """How far a square ``A @ B`` is from Hermitian, from its projected core; shape ``(...)``.
 
