@@ -33,8 +33,10 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _unbroadcast(X: Tensor) -> Tensor:
     """``X`` without its stride-0 (expanded) dims: the same data, each element once."""
-    index = tuple(0 if stride == 0 and size > 1 else slice(None) for size, stride in zip(X.shape, X.stride()))
-    return X[index] if any(i == 0 for i in index) else X
+    expanded = [stride == 0 and size > 1 for size, stride in zip(X.shape, X.stride())]
+    if not any(expanded):
+        return X
+    return X[tuple(slice(0, 1) if e else slice(None) for e in expanded)]
 
 
 def fingerprint(X: Tensor) -> tuple[int, ...]:
@@ -69,8 +71,8 @@ def fingerprint(X: Tensor) -> tuple[int, ...]:
     with torch.no_grad():
         cols = bits.sum(dim=tuple(range(bits.dim() - 1)), dtype=torch.int64)  # (last,)
         rows = bits.sum(dim=-1, dtype=torch.int64).reshape(-1)  # (prod(leading),)
-        col_w = torch.arange(1, 2 * cols.numel(), 2, dtype=torch.int64, device=cols.device)
-        row_w = torch.arange(1, 2 * rows.numel(), 2, dtype=torch.int64, device=rows.device)
+        col_w = torch.arange(cols.numel(), dtype=torch.int64, device=cols.device) * 2 + 1
+        row_w = torch.arange(rows.numel(), dtype=torch.int64, device=rows.device) * 2 + 1
         sums = torch.stack([cols.sum(), (cols * col_w).sum(), (rows * row_w).sum()])
     return (*sums.tolist(), hash((tuple(X.shape), flags)))
 
