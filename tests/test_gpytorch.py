@@ -330,3 +330,157 @@ def test_n2000_default_settings_within_1e8_of_dense():
     assert_small((var - ref_cov.diagonal()).abs().max(), 1e-8, "variance")
     assert_small((var / ref_cov.diagonal() - 1).abs().max(), 1e-8, "relative variance")
     assert_small((log_prob - ref_log_prob).abs() / ref_log_prob.abs(), 1e-10, "log_prob")
+
+
+def test_gradients_in_the_test_inputs_match_dense():
+    x, y, x_test, _ = gp_data(100, 20)
+    model, likelihood = build("scaled", x, y)
+    x_test = x_test.clone().requires_grad_(True)
+    with no_iterative_methods():
+        pred = model(x_test)
+        (pred.mean.sum() + pred.variance.sum()).backward()
+    got = x_test.grad
+    x_ref = x_test.detach().clone().requires_grad_(True)
+    phi, c = features_and_scale(model, x)
+    with torch.enable_grad():
+        phi_t = model.covar_module.base_kernel.features(x_ref)
+        noise = likelihood.noise.detach()
+        K = c * phi @ phi.mT + noise * torch.eye(100, dtype=torch.float64)
+        K_st = c * phi_t @ phi.mT
+        mean = 0.1 + K_st @ torch.linalg.solve(K, y - 0.1)
+        var = (c * phi_t * phi_t).sum(-1) - (K_st * torch.linalg.solve(K, K_st.mT).mT).sum(-1)
+        (mean.sum() + var.sum()).backward()
+    torch.testing.assert_close(got, x_ref.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_hyperparameter_gradients_of_predictions_without_detached_caches():
+    x, y, x_test, _ = gp_data(100, 20)
+    model, likelihood = build("feature", x, y)
+    params = [model.covar_module.feature_map.raw_lengthscale, likelihood.noise_covar.raw_noise]
+    with gpytorch.settings.detach_test_caches(False), no_iterative_methods():
+        pred = model(x_test)
+        got = torch.autograd.grad(pred.mean.sum() + pred.variance.sum(), params)
+    phi, phi_t = (model.covar_module.features(z) for z in (x, x_test))
+    K = phi @ phi.mT + likelihood.noise * torch.eye(100, dtype=torch.float64)
+    K_st = phi_t @ phi.mT
+    mean = 0.1 + K_st @ torch.linalg.solve(K, y - 0.1)
+    var = (phi_t * phi_t).sum(-1) - (K_st * torch.linalg.solve(K, K_st.mT).mT).sum(-1)
+    for g, w in zip(got, torch.autograd.grad(mean.sum() + var.sum(), params)):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_fantasy_model_matches_a_model_on_all_the_data():
+    x, y, x_test, y_test = gp_data(100, 30)
+    model, _ = build("feature", x, y)
+    model(x_test[:1])  # GPyTorch builds the strategy at the first prediction
+    fantasy = model.get_fantasy_model(x_test[:10], y_test[:10])
+    assert isinstance(fantasy.prediction_strategy, FactoredPredictionStrategy)
+    full, _ = build("feature", torch.cat([x, x_test[:10]]), torch.cat([y, y_test[:10]]))
+    with no_iterative_methods():
+        got, want = fantasy(x_test[10:]), full(x_test[10:])
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.covariance_matrix, want.covariance_matrix, rtol=1e-10, atol=1e-12)
+
+
+def test_skip_posterior_variances_gives_zero_covariance():
+    x, y, x_test, _ = gp_data(50, 10)
+    model, _ = build("feature", x, y)
+    with gpytorch.settings.skip_posterior_variances():
+        pred = model(x_test)
+    assert isinstance(pred.lazy_covariance_matrix, linear_operator.operators.ZeroLinearOperator)
+    assert pred.lazy_covariance_matrix.shape == (10, 10)
+
+
+class DenseFeatureKernel(FeatureKernel):
+    """Returns a dense matrix: the structure FactoredPredictionStrategy needs is missing."""
+
+    def forward(self, x1, x2, diag=False, **params):
+        out = super().forward(x1, x2, diag=diag, **params)
+        return out if diag else out.to_dense()
+
+
+def test_missing_structure_warns_and_falls_back_to_gpytorch():
+    x, y, x_test, _ = gp_data(50, 10)
+    kernel = DenseFeatureKernel(FourierFeatures(D_IN, 8))
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    model = FeatureGP(x, y, likelihood, kernel).double().eval()
+    with pytest.warns(StructureWarning, match=r"the train covariance with noise is a AddedDiagLinearOperator.*DefaultPredictionStrategy runs instead"):
+        pred = model(x_test)
+    with torch.no_grad():
+        K = kernel(x, x).to_dense() + likelihood.noise * torch.eye(50, dtype=torch.float64)
+        K_st = kernel(x_test, x).to_dense()
+        mean = model.mean_module.constant + K_st @ torch.linalg.solve(K, y - model.mean_module.constant)
+    torch.testing.assert_close(pred.mean.detach(), mean, rtol=1e-9, atol=1e-11)  # small N: Cholesky
+
+
+def test_nan_policy_other_than_ignore_warns():
+    x, y, x_test, _ = gp_data(50, 10)
+    model, _ = build("feature", x, y)
+    with gpytorch.settings.observation_nan_policy("mask"), pytest.warns(
+        StructureWarning, match=r"`observation_nan_policy` is not 'ignore'"
+    ):
+        model(x_test)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def test_feature_map_must_be_callable():
+    with pytest.raises(TypeError, match=r"`feature_map` must be a callable \(e\.g\. a torch\.nn\.Module\).*got int"):
+        FeatureKernel(3)
+
+
+def test_features_must_be_given():
+    x = torch.rand(5, 2, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"FeatureKernel has no `feature_map`: pass one.*override `features\(x\)`"):
+        FeatureKernel()(x).evaluate_kernel()
+
+
+@pytest.mark.parametrize(
+    "feature_map, exc, match",
+    [
+        (lambda x: x.sum(-1), ValueError, r"`features\(x1\)` must return shape \(\.\.\., 5, m\) for `x1` of shape \(5, 2\).*got shape \(5,\)"),
+        (lambda x: x[:-1], ValueError, r"`features\(x1\)` must return shape \(\.\.\., 5, m\).*got shape \(4, 2\)"),
+        (lambda x: x.tolist(), TypeError, r"`features\(x1\)` must return a torch\.Tensor, got list"),
+    ],
+)
+def test_features_must_have_a_row_per_point(feature_map, exc, match):
+    with pytest.raises(exc, match=match):
+        FeatureKernel(feature_map)(torch.rand(5, 2, dtype=torch.float64)).evaluate_kernel()
+
+
+def test_last_dim_is_batch_is_refused():
+    kernel = FeatureKernel(lambda x: x)
+    with pytest.raises(ValueError, match=r"`last_dim_is_batch=True` is not supported by FeatureKernel"):
+        kernel.forward(torch.rand(5, 2), torch.rand(5, 2), last_dim_is_batch=True)
+
+
+class NarrowTestKernel(gpytorch.kernels.Kernel):
+    """Opted in, but K** uses fewer features than K_XX: not of the form a(x1) b(x2)^T."""
+
+    prediction_strategy = FactoredPredictionStrategy
+
+    def forward(self, x1, x2, diag=False, **params):
+        width = 6 if x1.shape[-2] == x2.shape[-2] == 10 else 8
+        return FactoredMatrix(torch.cos(x1 @ self.omega)[..., :width], torch.cos(x2 @ self.omega)[..., :width].mT)
+
+
+def test_test_features_of_another_width_are_refused():
+    x, y, x_test, _ = gp_data(50, 10)
+    kernel = NarrowTestKernel()
+    kernel.register_buffer("omega", torch.randn(D_IN, 8, dtype=torch.float64))
+    model = FeatureGP(x, y, gpytorch.likelihoods.GaussianLikelihood().double(), kernel).double().eval()
+    with pytest.raises(ValueError, match=r"the test covariance has inner dim 6 but the train covariance 8"):
+        model(x_test)
+
+
+def test_importing_lowrank_op_does_not_import_gpytorch():
+    package = Path(FactoredMatrix.__module__.replace(".", "/")).parent
+    root = Path(__file__).resolve().parent.parent / package
+    importers = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name.split(".")[0] == "gpytorch" for name in names):
+                importers.append(path.name)
+    assert sorted(set(importers)) == ["gpytorch_kernels.py"]
+    assert "gpytorch_kernels" not in (root / "__init__.py").read_text()
