@@ -258,6 +258,12 @@ class FeatureKernel(gpytorch.kernels.Kernel):
 
 
 # --- the prediction strategy ----------------------------------------------------------------------
+def _nan_policy() -> str:
+    """GPyTorch's ``observation_nan_policy`` ("ignore" where the GPyTorch release predates it)."""
+    setting = getattr(gpsettings, "observation_nan_policy", None)
+    return "ignore" if setting is None else setting.value()
+
+
 def _fallback(what: str) -> None:
     warnings.warn(
         f"FactoredPredictionStrategy: {what}, so GPyTorch's DefaultPredictionStrategy runs instead; above "
@@ -342,7 +348,7 @@ class FactoredPredictionStrategy(DefaultPredictionStrategy):
 
     def exact_predictive_mean(self, test_mean: Tensor, test_train_covar) -> Tensor:
         """``mu* + K*X M^{-1} (y - mu)``, shape ``(..., n)``; ``O((N + n) m)`` given the caches."""
-        if gpsettings.observation_nan_policy.value() != "ignore":
+        if _nan_policy() != "ignore":
             _fallback("`observation_nan_policy` is not 'ignore'")
             return super().exact_predictive_mean(test_mean, test_train_covar)
         if self.factored_cache is None:
