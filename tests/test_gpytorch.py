@@ -275,6 +275,8 @@ def test_predictions_match_dense_without_iterative_methods(kind, batch_shape, dt
         pred = model(x_test)
         assert isinstance(model.prediction_strategy, FactoredPredictionStrategy)
         assert isinstance(pred.lazy_covariance_matrix, FactoredMatrix)
+        # phi phi^T + noise is factorised by Cholesky; ScaleKernel's c phi phi^T (c on A) by LU.
+        assert model.prediction_strategy.factored_cache[0].hermitian == (kind != "scaled")
         mean, var, cov = pred.mean, pred.variance, pred.covariance_matrix
         marginal = likelihood(pred)
         assert isinstance(marginal.lazy_covariance_matrix, FactoredAddedDiag)
