@@ -9,14 +9,20 @@ GPyTorch would otherwise run CG and stochastic Lanczos quadrature. gpytorch is a
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import math
+from pathlib import Path
 from unittest.mock import MagicMock, patch
 
 import gpytorch  # in the `test` extra: a missing install fails here rather than skipping
 import linear_operator
+import pytest
 import torch
 
 from lowrank_op import FactoredAddedDiag, FactoredMatrix
+from lowrank_op.errors import StructureWarning
+from lowrank_op.gpytorch_kernels import FactoredPredictionStrategy, FeatureKernel
 
 N, D_IN, RANK = 1000, 2, 24  # N above max_cholesky_size (800): GPyTorch's default would be CG
 
@@ -134,15 +140,6 @@ def test_short_training_loop_lowers_the_loss():
 # ==================================================================================================
 # Exact predictions: lowrank_op.gpytorch_kernels (FeatureKernel, FactoredPredictionStrategy)
 # ==================================================================================================
-import ast  # noqa: E402
-import contextlib  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from lowrank_op.errors import StructureWarning  # noqa: E402
-from lowrank_op.gpytorch_kernels import FactoredPredictionStrategy, FeatureKernel  # noqa: E402
 
 #: Every iterative entry point of linear_operator, under each name it is called by.
 ITERATIVE = (
