@@ -243,11 +243,12 @@ class FeatureKernel(gpytorch.kernels.Kernel):
         same = _same_input(x1, x2)
         f1 = self._checked_features("x1", x1)
         f2 = f1 if same else self._checked_features("x2", x2)
-        if diag:
-            return (f1 * f2).sum(-1)
         # Broadcast to the kernel's batch shape (views), so that ScaleKernel's batch of output
         # scales multiplies the factor (``_mul_constant``) instead of forming an elementwise product.
         batch = torch.broadcast_shapes(f1.shape[:-2], f2.shape[:-2], self.batch_shape)
+        if diag:
+            d = (f1 * f2).sum(-1)
+            return d.expand(*batch, d.shape[-1])
         f1 = f1.expand(*batch, *f1.shape[-2:])
         f2 = f1 if same else f2.expand(*batch, *f2.shape[-2:])
         return FactoredMatrix(f1, f2.mT)

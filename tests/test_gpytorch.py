@@ -381,6 +381,19 @@ def test_fantasy_model_matches_a_model_on_all_the_data():
     torch.testing.assert_close(got.covariance_matrix, want.covariance_matrix, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("x_shape", [(7, D_IN), (3, 7, D_IN)])
+def test_kernel_matrix_and_diagonal_broadcast_to_the_kernel_batch(x_shape):
+    kernel = FeatureKernel(FourierFeatures(D_IN, 5), batch_shape=torch.Size([3]))
+    x = torch.rand(*x_shape, dtype=torch.float64)
+    with gpytorch.settings.debug(True):
+        K = kernel(x).evaluate_kernel()
+        d = kernel(x, diag=True)
+    phi = kernel.features(x)
+    assert isinstance(K, FactoredMatrix) and K.shape == (3, 7, 7) and d.shape == (3, 7)
+    torch.testing.assert_close(K.to_dense(), (phi @ phi.mT).expand(3, 7, 7), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d, K.to_dense().diagonal(dim1=-2, dim2=-1), rtol=1e-12, atol=1e-14)
+
+
 def test_skip_posterior_variances_gives_zero_covariance():
     x, y, x_test, _ = gp_data(50, 10)
     model, _ = build("feature", x, y)
