@@ -76,15 +76,12 @@ from lowrank_op import woodbury
 from lowrank_op.added_diag import FactoredAddedDiag
 from lowrank_op.errors import StructureWarning
 from lowrank_op.factored import FactoredMatrix
+from lowrank_op.woodbury import _is_adjoint_view, _root  # the structural test FactoredAddedDiag uses
 
 __all__ = ["FeatureKernel", "FactoredPredictionStrategy"]
 
 
 # --- tensor helpers -------------------------------------------------------------------------------
-def _root(t: Tensor) -> Tensor:
-    return t if t._base is None else t._base
-
-
 def _same_input(x1: Tensor, x2: Tensor) -> bool:
     """Whether ``x1`` and ``x2`` are the same points with the same autograd history.
 
@@ -104,17 +101,6 @@ def _same_input(x1: Tensor, x2: Tensor) -> bool:
             and _root(x1) is _root(x2)
         )
     return torch.equal(x1, x2)
-
-
-def _is_adjoint_view(A: Tensor, B: Tensor) -> bool:
-    """Whether ``B`` is the view ``A.mH`` (same memory, strides and autograd history)."""
-    Ah = A.mH
-    return (
-        (B.shape, B.stride(), B.storage_offset()) == (Ah.shape, Ah.stride(), Ah.storage_offset())
-        and B.is_conj() == Ah.is_conj()
-        and B.untyped_storage().data_ptr() == A.untyped_storage().data_ptr()
-        and (not (A.requires_grad or B.requires_grad) or _root(A) is _root(B))
-    )
 
 
 def capacitance_solve(factor: woodbury.WoodburyFactor, rhs: Tensor) -> Tensor:
