@@ -36,7 +36,7 @@ factorisation of ``C`` (the one ``FactoredAddedDiag`` makes; Cholesky when ``K``
 plus positive noise, then the covariance is ``U U^T`` with ``U = a* L^{-T}``, positive
 semi-definite by construction). Nothing is subtracted, so there is no cancellation and no negative
 variance in float32; no CG, Lanczos or stochastic estimate is involved, whatever ``fast_pred_var``,
-``max_cholesky_size`` or ``lazily_evaluate_kernels`` say. ``likelihood(pred)`` is again a
+``max_cholesky_size`` or ``max_eager_kernel_size`` say. ``likelihood(pred)`` is again a
 ``FactoredAddedDiag``, so the predictive ``log_prob`` is exact too.
 
 Cost, ``N`` train points, ``n`` test points, ``m`` features: ``O(N m^2 + m^3)`` once per trained
@@ -53,6 +53,11 @@ above: ``forward(x1, x2)`` returns ``FactoredMatrix(a(x1), b(x2)^T)`` for fixed 
 ``b`` of one point each. When the operators it receives are not of that form (no FactoredMatrix,
 no diagonal noise, ``observation_nan_policy`` other than ``"ignore"``) it warns
 (:class:`~lowrank_op.errors.StructureWarning`) and runs GPyTorch's default instead.
+
+*Not covered:* with ``gpytorch.settings.lazily_evaluate_kernels(False)`` GPyTorch never asks the
+kernel for its strategy (it picks ``DefaultPredictionStrategy`` for every evaluated train
+covariance). Solves then still reach ``FactoredAddedDiag`` (exact), but ``fast_pred_var`` takes a
+Lanczos root and the predictive covariance is a dense-times-dense sum: keep the default.
 
 Importing :mod:`lowrank_op` does not import gpytorch; importing this module does (the ``gpytorch``
 extra).
@@ -170,7 +175,8 @@ class FeatureKernel(gpytorch.kernels.Kernel):
     train covariance is a :class:`~lowrank_op.FactoredAddedDiag`: the marginal log-likelihood and its
     gradients are exact at ``O(N m^2 + m^3)``. :meth:`prediction_strategy` returns
     :class:`FactoredPredictionStrategy`, which makes the predictive mean, covariance, variances and
-    ``log_prob`` exact under any GPyTorch settings (module docstring: why, and the cost).
+    ``log_prob`` exact under GPyTorch's default lazily evaluated kernels, whatever ``fast_pred_var``
+    and ``max_cholesky_size`` say (module docstring: why, the cost, and the one setting not covered).
     ``ScaleKernel(FeatureKernel(...))`` keeps all of it. ``diag=True`` costs ``O(n m)``.
     ``last_dim_is_batch=True`` is not supported.
 
