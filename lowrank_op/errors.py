@@ -22,6 +22,11 @@ class IllConditionedWarning(RuntimeWarning):
     """A solve or log-determinant went through a numerically singular (ill-conditioned) matrix."""
 
 
+class StructureWarning(RuntimeWarning):
+    """The factored structure an exact path needs was not there, so a generic path of GPyTorch or
+    linear_operator ran instead (iterative, hence approximate, on large operators)."""
+
+
 # --- Numerical failures ---------------------------------------------------------------------------
 class KrylovFailure(RuntimeError):
     """ARPACK or PROPACK did not deliver the wanted values (not converged, out of budget, or failed
