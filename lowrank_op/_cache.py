@@ -69,8 +69,8 @@ def fingerprint(X: Tensor) -> tuple[int, ...]:
     with torch.no_grad():
         cols = bits.sum(dim=tuple(range(bits.dim() - 1)), dtype=torch.int64)  # (last,)
         rows = bits.sum(dim=-1, dtype=torch.int64).reshape(-1)  # (prod(leading),)
-        col_w = torch.arange(1, 2 * cols.numel(), 2, dtype=torch.int64, device=cols.device)
-        row_w = torch.arange(1, 2 * rows.numel(), 2, dtype=torch.int64, device=rows.device)
+        col_w = torch.arange(1, 2 * cols.numel() + 1, 2, dtype=torch.int64, device=cols.device)
+        row_w = torch.arange(1, 2 * rows.numel() + 1, 2, dtype=torch.int64, device=rows.device)
         sums = torch.stack([cols.sum(), (cols * col_w).sum(), (rows * row_w).sum()])
     return (*sums.tolist(), hash((tuple(X.shape), flags)))
 

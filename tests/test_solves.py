@@ -21,7 +21,7 @@ from helpers import assert_scaled_close, factor_specs, make_factors, ref_dtype
 from hypothesis import given
 from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
 
-from lowrank_op import FactoredAddedDiag, FactoredMatrix, IllConditionedWarning, woodbury
+from lowrank_op import FactoredAddedDiag, FactoredMatrix, IllConditionedWarning, conditioning
 
 #: Tolerances relative to the size of the reference (its max-abs entry); the test operators have
 #: condition numbers below about 100.
@@ -388,7 +388,7 @@ def test_condition_estimate_is_a_tight_lower_bound():
     gen = torch.Generator().manual_seed(3)
     C = torch.randn(4, 30, 30, dtype=torch.float64, generator=gen) + 0.1 * torch.eye(30, dtype=torch.float64)
     LU, piv = torch.linalg.lu_factor(C)
-    est = woodbury.inverse_norm1_estimate(
+    est = conditioning.inverse_norm1_estimate(
         lambda X: torch.linalg.lu_solve(LU, piv, X), lambda X: torch.linalg.lu_solve(LU, piv, X, adjoint=True), C
     )
     exact = torch.linalg.matrix_norm(torch.linalg.inv(C), ord=1)

@@ -18,7 +18,7 @@ from linear_operator.operators import (
     SumLinearOperator,
 )
 
-from lowrank_op import FactoredAddedDiag, FactoredMatrix, added_diag
+from lowrank_op import FactoredAddedDiag, FactoredMatrix, diag_routing
 
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.complex128: 1e-12}
 dtype_params = pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128])
@@ -163,15 +163,15 @@ def test_diag_hook_is_idempotent_and_reversible():
     fm = FactoredMatrix(torch.randn(4, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
     D = DiagLinearOperator(torch.ones(4, dtype=torch.float64))
     wrapped = DiagLinearOperator.__dict__["__add__"]
-    added_diag.install_diag_hook()
+    diag_routing.install()
     assert DiagLinearOperator.__dict__["__add__"] is wrapped
     assert not hasattr(wrapped._lowrank_op_original, "_lowrank_op_original")
     try:
-        added_diag.uninstall_diag_hook()
+        diag_routing.uninstall()
         op = D + fm
         assert type(op) is AddedDiagLinearOperator  # linear_operator's own behaviour
     finally:
-        added_diag.install_diag_hook()
+        diag_routing.install()
     assert isinstance(D + fm, FactoredAddedDiag)
 
 
