@@ -78,9 +78,14 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
     *Singular and ill-conditioned operators.* A zero or non-finite diagonal entry raises
     RuntimeError in every solve and determinant (Woodbury needs ``D^{-1}``). A capacitance matrix
     with an exact zero pivot (``M`` singular) makes solves and inverse quadratic forms raise
-    RuntimeError, and ``logdet`` return ``-inf`` (as ``torch.logdet`` does). When the estimated
-    1-norm condition number of ``C`` exceeds ``1/eps`` (:data:`lowrank_op.woodbury.ILL_CONDITIONED_RCOND`),
-    an :class:`~lowrank_op.woodbury.IllConditionedWarning` reports the estimate.
+    RuntimeError, and ``logdet`` return ``-inf`` (as ``torch.logdet`` does) with an
+    :class:`~lowrank_op.errors.IllConditionedWarning`, since a zero pivot may be rounding. When the
+    estimated 1-norm condition number of ``C`` exceeds ``1/eps``
+    (:class:`lowrank_op.settings.ill_conditioned_rcond`), the warning reports the estimate; a
+    float32 (complex64) ``C`` past that limit is factorised again in float64 (complex128), so that a
+    nearly singular 32-bit operator still gets its right ``log|det|`` and solves
+    (:mod:`lowrank_op.woodbury`, "32-bit refinement"). ``mdim = 0`` is the diagonal alone; a 0 x 0
+    operator has log-determinant 0 and empty solves.
 
     *Sign of the determinant.* ``logdet`` follows ``torch.logdet``: NaN where the determinant of a
     real operator is negative (possible when ``A @ B`` is not positive definite or ``d`` has
