@@ -255,13 +255,18 @@ def warning_message(factor: WoodburyFactor, advice: str) -> str | None:
     if message is not None or factor.first_cond is None:
         return message
     first = float(factor.first_cond.max())
+    if first == float("inf"):
+        reason = "has an exact zero pivot"
+    else:
+        reason = (
+            f"is ill-conditioned (estimated condition number {first:.2e} (1-norm) exceeds "
+            f"{conditioning.limit(factor.dtype):.1e} = 1/eps)"
+        )
     return (
-        f"{what} is ill-conditioned in {factor.dtype.to_real()}: estimated condition number "
-        f"{first:.2e} (1-norm) exceeds {conditioning.limit(factor.dtype):.1e} = 1/eps, so it was "
-        f"factorised again in {ran_in.to_real()} (estimate {float(factor.cond.max()):.2e} there) and the "
-        f"result rounded to {factor.dtype}. It is right for the values given, but a relative change of "
-        f"eps({factor.dtype.to_real()}) in A, B or d can change it by up to the condition number times that. "
-        f"{advice}"
+        f"{what} {reason} in {factor.dtype}, so it was factorised again in {ran_in} (estimated "
+        f"condition number {float(factor.cond.max()):.2e} there) and the result rounded to {factor.dtype}. "
+        f"It is right for the values given, but a relative change of eps({factor.dtype}) in A, B or d "
+        f"can change it by up to the condition number times that. {advice}"
     )
 
 

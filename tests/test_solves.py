@@ -695,29 +695,33 @@ def _float32_near_singular(kind: str):
     return A, B, torch.ones(A.shape[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("kind", ["zero_pivot", "random_cond_1e9"])
-def test_float32_near_singular_woodbury_is_refined_and_warns(kind):
-    A, B, d = _float32_near_singular(kind)
-    M = A.double() @ B.double() + torch.diag(d.double())  # the operator of exactly these values
+def test_float32_near_singular_woodbury_is_refined_and_warns(kind, dtype):
+    A, B, d = (t.to(dtype) for t in _float32_near_singular(kind))
+    r = ref_dtype(dtype)
+    M = A.to(r) @ B.to(r) + torch.diag(d.to(r))  # the operator of exactly these values
     ref = torch.linalg.slogdet(M)
     assert ref.sign != 0 and torch.linalg.cond(M) > 1e7
     op = FactoredMatrix(A, B) + DiagLinearOperator(d)
-    with choices.recorded() as log, pytest.warns(IllConditionedWarning, match=(
-        r"ill-conditioned in torch.float32: estimated condition number .* so it was factorised again "
-        r"in torch.float64 \(estimate .* there\) and the result rounded to torch.float32"
-    )) as record:
+    reason = r"has an exact zero pivot" if kind == "zero_pivot" else r"is ill-conditioned \(estimated condition number"
+    pattern = (
+        rf"{reason} .*in {dtype}, so it was factorised again in {r} \(estimated condition number "
+        rf".* there\) and the result rounded to {dtype}"
+    )
+    with choices.recorded() as log, pytest.warns(IllConditionedWarning, match=pattern) as record:
         sign, logabs = op.slogdet()
     assert record[0].filename == __file__
-    assert [(c.operation, c.method) for c in log] == [("woodbury", "float64")]
-    assert sign.dtype == torch.float32 and logabs.dtype == torch.float32
+    assert [(c.operation, c.method) for c in log] == [("woodbury", str(r).removeprefix("torch."))]
+    assert sign.dtype == dtype and logabs.dtype == torch.float32
     eps32 = torch.finfo(torch.float32).eps
-    assert sign.item() == ref.sign.item()
+    assert abs(sign.item() - ref.sign.item()) <= 100 * eps32
     assert abs(logabs.item() - ref.logabsdet.item()) <= 100 * eps32 * max(1.0, abs(ref.logabsdet.item()))
-    y = torch.randn(A.shape[0], 2, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(A.shape[0], 2, generator=torch.Generator().manual_seed(1)).to(dtype)
     with pytest.warns(IllConditionedWarning):
         x = op.solve(y)
-    x_ref = torch.linalg.solve(M, y.double())
-    assert x.dtype == torch.float32
+    x_ref = torch.linalg.solve(M, y.to(r))
+    assert x.dtype == dtype
     assert_scaled_close(x, x_ref, x_ref.abs().max(), 100 * eps32, "refined solve")
 
 

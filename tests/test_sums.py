@@ -10,7 +10,9 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_scaled_close, make_factors, ref_dtype
+from helpers import assert_scaled_close, factor_specs, make_factors, ref_dtype
+from hypothesis import given
+from hypothesis import strategies as st
 from linear_operator.operators import (
     AddedDiagLinearOperator,
     ConstantDiagLinearOperator,
@@ -205,6 +207,13 @@ def test_fm_plus_tensor_errors(operand, error, pattern):
 
 
 # --- fm.sum ---------------------------------------------------------------------------------------
+def abs_scale(fm) -> float:
+    """``sum_ijk |A_ik| |B_kj|`` (at least 1): what the rounding error of any sum of entries of
+    ``A @ B`` is relative to, whichever order the terms are added in."""
+    r = ref_dtype(fm.dtype)
+    return max(1.0, float((fm.A.to(r).abs() @ fm.B.to(r).abs()).sum()))
+
+
 SUM_OF_SHAPES = {
     "square": ((5, 3), (3, 5)),
     "rect_mdim_gt": ((4, 7), (7, 3)),
@@ -221,7 +230,7 @@ SUM_OF_SHAPES = {
 def test_sum_matches_dense(shapes, dtype):
     fm = FactoredMatrix(*make_factors(*shapes, dtype, seed=12))
     M = dense(fm)
-    scale = float(M.abs().sum().clamp_min(1.0))  # a sum's rounding error grows with the sum of |terms|
+    scale = abs_scale(fm)
     total = fm.sum()
     assert total.shape == () and total.dtype == dtype
     assert_scaled_close(total, M.sum(), scale, RTOL[dtype], "sum()")
@@ -235,6 +244,21 @@ def test_sum_matches_dense(shapes, dtype):
             got = fm.sum(d)
             assert isinstance(got, FactoredMatrix), d
             assert_scaled_close(dense(got), M.sum(d), scale, RTOL[dtype], f"sum({d})")
+
+
+@given(factor_specs(), st.sampled_from(["scalar", "row", "column", "full"]))
+def test_sum_and_terms_property(spec, term):
+    a_shape, b_shape, rank, seed = spec
+    fm = FactoredMatrix(*make_factors(a_shape, b_shape, rank=rank, seed=seed))
+    M = dense(fm)
+    scale = abs_scale(fm)
+    assert_scaled_close(fm.sum(), M.sum(), scale, 1e-12, "sum()")
+    for dim in range(-fm.dim(), fm.dim()):
+        got = fm.sum(dim)
+        assert_scaled_close(dense(got) if isinstance(got, FactoredMatrix) else got, M.sum(dim), scale, 1e-12, f"sum({dim})")
+    shape = {"scalar": (), "row": (1, fm.rdim), "column": (fm.ldim, 1), "full": (fm.ldim, fm.rdim)}[term]
+    t = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    close(dense(t - fm), t - M, what=f"{term} - fm")
 
 
 def test_sum_of_a_batch_keeps_a_shared_factor_and_gradients():
@@ -257,7 +281,7 @@ def test_sum_bfloat16_is_computed_in_float32():
     fm = FactoredMatrix(A, B)
     M = dense(fm)
     assert fm.sum().dtype == torch.bfloat16
-    assert_scaled_close(fm.sum(), M.sum(), float(M.abs().sum()), 1e-2, "bf16 sum")
+    assert_scaled_close(fm.sum(), M.sum(), abs_scale(fm), 1e-2, "bf16 sum")
 
 
 def test_sum_errors():
