@@ -562,8 +562,8 @@ class FactoredMatrix(LinearOperator):
             return self + (-other)
         if isinstance(other, LinearOperator):
             return self + other.mul(-1)
-        if isinstance(other, Tensor) and other.dtype != self.dtype:
-            return self + other  # the dtype error of __add__
+        if isinstance(other, Tensor) and (other.dtype != self.dtype or other.device != self.device):
+            return self + other  # __add__'s dtype or device error, before any work on `other`
         if isinstance(other, (Tensor, numbers.Number)) and not isinstance(other, bool):
             return self + (-other)
         return super().__sub__(other)
@@ -737,17 +737,16 @@ class FactoredMatrix(LinearOperator):
         otherwise, as :meth:`solve` does; returns None for a part not asked for.
         """
         solves.require_something(inv_quad_rhs, logdet)
-        inv_quad = None
-        if inv_quad_rhs is not None:
-            self._require_square("inv_quad", "Use `fm.lstsq(y)` or `fm.pinv()`.")
-            rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
-            solution = solves.solve_product(self._A, self._B, rhs, stacklevel=2)
-            inv_quad = solves.inv_quad(rhs, solution, reduce_inv_quad or vector)
+        inv_quad = None if inv_quad_rhs is None else self.inv_quad(inv_quad_rhs, reduce_inv_quad)
         return inv_quad, (self.logdet() if logdet else None)
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
-        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced); see :meth:`inv_quad_logdet`."""
-        return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
+        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced), through :meth:`solve`'s
+        LU; see :meth:`inv_quad_logdet`."""
+        self._require_square("inv_quad", "Use `fm.lstsq(y)` or `fm.pinv()`.")
+        rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
+        solution = solves.solve_product(self._A, self._B, rhs, stacklevel=3)
+        return solves.inv_quad(rhs, solution, reduce_inv_quad or vector)
 
     def __repr__(self) -> str:
         return (

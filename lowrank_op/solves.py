@@ -100,9 +100,7 @@ def logdet_from_slogdet(sign: Tensor, logabsdet: Tensor) -> Tensor:
 
 def _nonfinite_members(A: Tensor, B: Tensor) -> Tensor:
     """bool, shape ``batch``: members whose ``A`` or ``B`` holds a NaN or an Inf."""
-    bad_a = ~torch.isfinite(A).flatten(-2).all(-1) if A.numel() else torch.zeros(A.shape[:-2], dtype=torch.bool)
-    bad_b = ~torch.isfinite(B).flatten(-2).all(-1) if B.numel() else torch.zeros(B.shape[:-2], dtype=torch.bool)
-    return bad_a.to(A.device) | bad_b.to(A.device)
+    return ~torch.isfinite(A).flatten(-2).all(-1) | ~torch.isfinite(B).flatten(-2).all(-1)
 
 
 def product_slogdet(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:

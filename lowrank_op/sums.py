@@ -73,7 +73,7 @@ def tensor_term_factors(
     TypeError
         A tensor of another dtype, or a complex number for a real product.
     ValueError
-        A tensor whose shape does not broadcast to ``shape``.
+        A tensor whose shape does not broadcast to ``shape``, or on another device.
     """
     ldim, rdim = shape[-2], shape[-1]
     if isinstance(other, numbers.Number) and not isinstance(other, bool):
@@ -89,6 +89,11 @@ def tensor_term_factors(
         raise TypeError(
             f"dtypes differ in a sum: FactoredMatrix of dtype {dtype} and tensor of dtype {other.dtype}; "
             f"cast the tensor with .to({dtype}) (or pass a Python number)."
+        )
+    if other.device != torch.device(device):
+        raise ValueError(
+            f"devices differ in a sum: FactoredMatrix on {device} and tensor on {other.device}; move "
+            f"the tensor with .to({str(device)!r})."
         )
     t = other
     if t.dim() <= 1:

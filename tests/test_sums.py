@@ -195,8 +195,10 @@ def test_sum_with_other_operators_is_lazy():
          r"shapes do not match for a sum: FactoredMatrix of shape \(3, 5, 4\) and tensor of shape \(5, 3\); the tensor's last two dims must broadcast to \(5, 4\)"),
         (lambda: torch.ones(2, 2, 5, 4, dtype=torch.float64), ValueError,
          r"leading dims do not broadcast: FactoredMatrix of shape \(3, 5, 4\) and tensor of shape \(2, 2, 5, 4\)"),
+        (lambda: torch.ones(5, 4, dtype=torch.float64, device="meta"), ValueError,
+         r"devices differ in a sum: FactoredMatrix on cpu and tensor on meta; move the tensor with \.to\('cpu'\)"),
     ],
-    ids=["dtype_full", "dtype_0d", "int_tensor", "complex_number", "bad_row", "bad_columns", "bad_batch"],
+    ids=["dtype_full", "dtype_0d", "int_tensor", "complex_number", "bad_row", "bad_columns", "bad_batch", "device"],
 )
 def test_fm_plus_tensor_errors(operand, error, pattern):
     fm = FactoredMatrix(torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
