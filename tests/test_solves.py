@@ -630,8 +630,11 @@ def test_product_inv_quad_logdet_errors():
     fm = _square_fm(4, 5, "nonsymmetric")
     with pytest.raises(ValueError, match=r"`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both"):
         fm.inv_quad_logdet()
-    with pytest.raises(ValueError, match=r"needs a square product"):
-        FactoredMatrix(torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)).logdet()
+    rect = FactoredMatrix(torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"slogdet/logdet needs a square product"):
+        rect.logdet()
+    with pytest.raises(ValueError, match=r"inv_quad needs a square product \(ldim == rdim\); .* Use `fm.lstsq\(y\)`"):
+        rect.inv_quad_logdet(torch.ones(5, 1, dtype=torch.float64))
 
 
 def test_solve_and_lstsq_validate_the_right_hand_side():
@@ -837,3 +840,17 @@ def test_woodbury_result_from_no_grad_is_not_reused_for_gradients():
     want = torch.autograd.grad(torch.logdet(M) + (y * x).sum() + x.sum(), (A, B, d))
     for g, w, name in zip(got, want, "ABd"):
         close(g, w, torch.float64, f"grad {name}")
+
+
+def test_refined_float32_gradients_match_float64():
+    A, B, d = _float32_near_singular("random_cond_1e9")
+    A, B, d = (t.clone().requires_grad_(True) for t in (A, B, d))
+    with pytest.warns(IllConditionedWarning):
+        logdet = (FactoredMatrix(A, B) + DiagLinearOperator(d)).slogdet()[1]
+    got = torch.autograd.grad(logdet, (A, B, d))
+    A64, B64, d64 = (t.detach().double().requires_grad_(True) for t in (A, B, d))
+    want = torch.autograd.grad(torch.linalg.slogdet(A64 @ B64 + torch.diag(d64))[1], (A64, B64, d64))
+    for g, w, name in zip(got, want, "ABd"):
+        assert g.dtype == torch.float32
+        # d log|det M| = M^{-T}: as large as cond(M); compared relative to its size, in float32.
+        assert_scaled_close(g, w, w.abs().max(), 1e-4, f"grad {name}")
