@@ -529,6 +529,12 @@ class FactoredMatrix(LinearOperator):
         :meth:`add_diagonal` (Woodbury), not as ``torch.diag(d)``, which becomes the dense case.
         Tensors must have the FactoredMatrix's dtype (TypeError otherwise); see
         :func:`lowrank_op.sums.tensor_term_factors`.
+
+        Examples
+        --------
+        >>> fm = FactoredMatrix(torch.ones(4, 2), torch.ones(2, 4))
+        >>> (fm + 1.0).mdim, (fm - torch.ones(4)).mdim, (torch.eye(4) + fm).mdim
+        (3, 3, 6)
         """
         if isinstance(other, FactoredMatrix):
             if other.shape[-2:] != self.shape[-2:]:
@@ -590,6 +596,12 @@ class FactoredMatrix(LinearOperator):
         Tensor or FactoredMatrix
             In the factors' dtype. Cost ``O((ldim + rdim) mdim)`` per member; nothing
             ``ldim x rdim`` is formed.
+
+        Examples
+        --------
+        >>> fm = FactoredMatrix(torch.ones(3, 4, 2), torch.ones(2, 5))  # every entry is 2
+        >>> fm.sum(), fm.sum(-1).shape, fm.sum(0).shape, fm.sum(0).mdim
+        (tensor(120.), torch.Size([3, 4]), torch.Size([4, 5]), 2)
         """
         if dim is None:
             return sums.sum_entries(self._A, self._B)

@@ -126,6 +126,15 @@ def product_slogdet(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     or Inf in a factor the formed product would hold NaN (``inf * 0``, ``inf - inf``), and
     ``torch.logdet`` of it is NaN; so is this. Otherwise the ``n x n`` product, no larger than
     ``A``, is formed and LU-factorised: ``O(n^2 mdim + n^3)``. 16-bit factors give float32.
+
+    Examples
+    --------
+    >>> A, B = torch.randn(5, 2), torch.randn(2, 5)
+    >>> product_slogdet(A, B)
+    (tensor(0.), tensor(-inf))
+    >>> A[0, 0] = float("nan")
+    >>> product_slogdet(A, B)
+    (tensor(nan), tensor(nan))
     """
     A, B = promote(A, B)
     n, mdim = A.shape[-2], A.shape[-1]

@@ -74,6 +74,13 @@ def tensor_term_factors(
         A tensor of another dtype, or a complex number for a real product.
     ValueError
         A tensor whose shape does not broadcast to ``shape``, or on another device.
+
+    Examples
+    --------
+    >>> P, Q = tensor_term_factors(torch.arange(3.0), torch.Size((2, 3)), torch.float32, torch.device("cpu"))
+    >>> P @ Q  # the row, broadcast to (2, 3)
+    tensor([[0., 1., 2.],
+            [0., 1., 2.]])
     """
     ldim, rdim = shape[-2], shape[-1]
     if isinstance(other, numbers.Number) and not isinstance(other, bool):

@@ -205,6 +205,15 @@ def factorize(A: Tensor, B: Tensor, d: Tensor, hermitian: bool) -> WoodburyFacto
     Cost ``O(n mdim^2)`` to form ``C``, ``O(mdim^3)`` to factor it, ``O(mdim^2)`` for the condition
     estimate. 16-bit inputs are computed in float32; a 32-bit ``C`` that is ill-conditioned or
     singular is factorised again in 64 bits (module docstring), at twice that cost or more.
+
+    Examples
+    --------
+    >>> A, B = torch.randn(100, 3, dtype=torch.float64), torch.randn(3, 100, dtype=torch.float64)
+    >>> d = torch.full((100,), 10.0, dtype=torch.float64)
+    >>> factor = factorize(A, B, d, hermitian=False)
+    >>> y = torch.randn(100, 2, dtype=torch.float64)
+    >>> bool(torch.allclose((A @ B + torch.diag(d)) @ solve(factor, y), y))
+    True
     """
     A, B, d = promote(A, B, d)
     check_diagonal(d)

@@ -49,6 +49,15 @@ def test_factored_imports_the_solve_modules_at_the_top():
     assert deferred == {"__add__": {"lowrank_op.added_diag", "lowrank_op.added_diag.FactoredAddedDiag"}}
 
 
+@pytest.mark.parametrize("module", ["lowrank_op.solves", "lowrank_op.sums", "lowrank_op.woodbury", "lowrank_op.added_diag"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch}, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_diag_hook_is_installed_by_the_package():
     fm = FactoredMatrix(torch.randn(4, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
     D = DiagLinearOperator(torch.ones(4, dtype=torch.float64))
