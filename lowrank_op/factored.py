@@ -498,6 +498,44 @@ class FactoredMatrix(LinearOperator):
             )
         return (self[i] for i in range(self.shape[0]))
 
+    def slogdet(self) -> tuple[Tensor, Tensor]:
+        """``(sign, log|det|)`` of the square product, exactly, each shape ``(...)``.
+
+        With ``mdim < ldim`` the product has rank below ``ldim``: the determinant is exactly zero
+        (sign 0, ``-inf``), or NaN (sign and value) where a factor holds NaN or Inf, as
+        ``torch.logdet`` of the formed product gives. Otherwise the ``n x n`` product, no larger
+        than ``A``, is formed and LU-factorised: ``O(n^2 mdim + n^3)``. linear_operator's default
+        would assume a symmetric positive definite operator. See
+        :func:`lowrank_op.solves.product_slogdet`.
+        """
+        self._require_square("slogdet/logdet")
+        return solves.product_slogdet(self._A, self._B)
+
+    def logdet(self) -> Tensor:
+        """``log det`` of the square product as ``torch.logdet`` defines it (NaN where negative or
+        where a factor holds NaN/Inf, ``-inf`` where singular); see :meth:`slogdet`."""
+        return solves.logdet_from_slogdet(*self.slogdet())
+
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``tr(R^T M^{-1} R)`` (as :meth:`solve` solves) and ``log det M`` (:meth:`slogdet`), exactly.
+
+        The inverse quadratic form needs a square, full-rank product (``mdim >= ldim``) and raises
+        otherwise, as :meth:`solve` does; returns None for a part not asked for.
+        """
+        solves.require_something(inv_quad_rhs, logdet)
+        inv_quad = None if inv_quad_rhs is None else self.inv_quad(inv_quad_rhs, reduce_inv_quad)
+        return inv_quad, (self.logdet() if logdet else None)
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced), through :meth:`solve`'s
+        LU; see :meth:`inv_quad_logdet`."""
+        self._require_square("inv_quad", "Use `fm.lstsq(y)` or `fm.pinv()`.")
+        rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
+        solution = solves.solve_product(self._A, self._B, rhs, stacklevel=3)
+        return solves.inv_quad(rhs, solution, reduce_inv_quad or vector)
+
     def __getstate__(self) -> dict:
         # Cached decompositions may hold autograd graphs, which do not pickle; they are recomputed.
         state = self.__dict__.copy()
@@ -721,44 +759,6 @@ class FactoredMatrix(LinearOperator):
         result = solves.solve_product(self._A, self._B, rhs, stacklevel=2)
         result = result.squeeze(-1) if vector else result
         return result if left_tensor is None else left_tensor @ result
-
-    def slogdet(self) -> tuple[Tensor, Tensor]:
-        """``(sign, log|det|)`` of the square product, exactly, each shape ``(...)``.
-
-        With ``mdim < ldim`` the product has rank below ``ldim``: the determinant is exactly zero
-        (sign 0, ``-inf``), or NaN (sign and value) where a factor holds NaN or Inf, as
-        ``torch.logdet`` of the formed product gives. Otherwise the ``n x n`` product, no larger
-        than ``A``, is formed and LU-factorised: ``O(n^2 mdim + n^3)``. linear_operator's default
-        would assume a symmetric positive definite operator. See
-        :func:`lowrank_op.solves.product_slogdet`.
-        """
-        self._require_square("slogdet/logdet")
-        return solves.product_slogdet(self._A, self._B)
-
-    def logdet(self) -> Tensor:
-        """``log det`` of the square product as ``torch.logdet`` defines it (NaN where negative or
-        where a factor holds NaN/Inf, ``-inf`` where singular); see :meth:`slogdet`."""
-        return solves.logdet_from_slogdet(*self.slogdet())
-
-    def inv_quad_logdet(
-        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """``tr(R^T M^{-1} R)`` (as :meth:`solve` solves) and ``log det M`` (:meth:`slogdet`), exactly.
-
-        The inverse quadratic form needs a square, full-rank product (``mdim >= ldim``) and raises
-        otherwise, as :meth:`solve` does; returns None for a part not asked for.
-        """
-        solves.require_something(inv_quad_rhs, logdet)
-        inv_quad = None if inv_quad_rhs is None else self.inv_quad(inv_quad_rhs, reduce_inv_quad)
-        return inv_quad, (self.logdet() if logdet else None)
-
-    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
-        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced), through :meth:`solve`'s
-        LU; see :meth:`inv_quad_logdet`."""
-        self._require_square("inv_quad", "Use `fm.lstsq(y)` or `fm.pinv()`.")
-        rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
-        solution = solves.solve_product(self._A, self._B, rhs, stacklevel=3)
-        return solves.inv_quad(rhs, solution, reduce_inv_quad or vector)
 
     def __repr__(self) -> str:
         return (
