@@ -6,8 +6,11 @@ TransformerLens's ``FactoredMatrix`` surface and decompositions that never form 
 
 from lowrank_op.errors import IllConditionedWarning, KrylovFailure, PerformanceWarning, UndefinedGradientWarning
 from lowrank_op.factored import FactoredMatrix
-from lowrank_op.added_diag import FactoredAddedDiag  # importing it installs the ``diag + fm`` hook
+from lowrank_op.added_diag import FactoredAddedDiag
 from lowrank_op.scores import composition_scores
+from lowrank_op import diag_routing
+
+diag_routing.install()  # ``DiagLinearOperator(d) + fm`` becomes a FactoredAddedDiag; see lowrank_op.diag_routing
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""``A @ B + diag(d)`` as a linear_operator, solved by the Woodbury identity; sums of FactoredMatrix.
+"""``A @ B + diag(d)`` as a linear_operator operator, solved by the Woodbury identity.
 
 :class:`FactoredAddedDiag` is what ``fm + diag``, ``diag + fm``, ``fm.add_diagonal(d)`` and
 ``fm.add_jitter(v)`` return for a square :class:`~lowrank_op.FactoredMatrix` ``fm``. Its ``solve``,
@@ -6,17 +6,9 @@
 capacitance matrix (:mod:`lowrank_op.woodbury`): exact, ``O(n mdim^2 + mdim^3)``, right for
 non-symmetric ``A @ B``, differentiable by ordinary autograd, and never CG or Lanczos.
 
-The ``diag + fm`` order
------------------------
-Python evaluates ``diag + fm`` as ``DiagLinearOperator.__add__(diag, fm)``, which linear_operator
-implements as ``AddedDiagLinearOperator(fm, diag)`` without consulting ``fm`` (there is no
-``NotImplemented`` return that would reach ``FactoredMatrix.__radd__``, and no registration hook).
-Importing :mod:`lowrank_op` therefore wraps, once and idempotently, the ``__add__`` that
-``DiagLinearOperator`` and ``ConstantDiagLinearOperator`` each define: the wrapper sends a
-``FactoredMatrix`` operand to :class:`FactoredAddedDiag` and passes every other operand to the
-original method unchanged (so ``diag + dense``, ``diag + tensor`` and ``diag + diag`` behave exactly as
-before). ``diag - fm``, ``diag.add(fm)`` and ``torch.add(diag, fm)`` reach the same wrapper.
-:func:`uninstall_diag_hook` restores the originals.
+``diag + fm`` (Python asks ``DiagLinearOperator.__add__`` first) reaches this class through the
+small hook in :mod:`lowrank_op.diag_routing`, which ``import lowrank_op`` installs. The kernels are
+in :mod:`lowrank_op.woodbury`; solves of ``A @ B`` alone in :mod:`lowrank_op.solves`.
 
 Why a subclass of ``AddedDiagLinearOperator``
 ---------------------------------------------
@@ -31,12 +23,11 @@ silently (``psd_safe_cholesky``) and it accepts only a ``LowRankRootLinearOperat
 
 from __future__ import annotations
 
-import functools
+import numbers
 
 import torch
 from linear_operator.operators import (
     AddedDiagLinearOperator,
-    ConstantDiagLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
     LinearOperator,
@@ -44,11 +35,10 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from lowrank_op import woodbury
+from lowrank_op import conditioning, solves, woodbury
 from lowrank_op._cache import ResultCache
 from lowrank_op._checks import check_broadcast
 from lowrank_op.factored import FactoredMatrix
-from lowrank_op.kernels import promote
 
 _ADVICE = "Add a larger diagonal (e.g. `add_jitter`), or use float64."
 
@@ -88,9 +78,14 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
     *Singular and ill-conditioned operators.* A zero or non-finite diagonal entry raises
     RuntimeError in every solve and determinant (Woodbury needs ``D^{-1}``). A capacitance matrix
     with an exact zero pivot (``M`` singular) makes solves and inverse quadratic forms raise
-    RuntimeError, and ``logdet`` return ``-inf`` (as ``torch.logdet`` does). When the estimated
-    1-norm condition number of ``C`` exceeds ``1/eps`` (:data:`lowrank_op.woodbury.ILL_CONDITIONED_RCOND`),
-    an :class:`~lowrank_op.woodbury.IllConditionedWarning` reports the estimate.
+    RuntimeError, and ``logdet`` return ``-inf`` (as ``torch.logdet`` does) with an
+    :class:`~lowrank_op.errors.IllConditionedWarning`, since a zero pivot may be rounding. When the
+    estimated 1-norm condition number of ``C`` exceeds ``1/eps``
+    (:class:`lowrank_op.settings.ill_conditioned_rcond`), the warning reports the estimate; a
+    float32 (complex64) ``C`` past that limit is factorised again in float64 (complex128), so that a
+    nearly singular 32-bit operator still gets its right ``log|det|`` and solves
+    (:mod:`lowrank_op.woodbury`, "32-bit refinement"). ``mdim = 0`` is the diagonal alone; a 0 x 0
+    operator has log-determinant 0 and empty solves.
 
     *Sign of the determinant.* ``logdet`` follows ``torch.logdet``: NaN where the determinant of a
     real operator is negative (possible when ``A @ B`` is not positive definite or ``d`` has
@@ -131,12 +126,15 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
 
         return self._cache.get_or_compute("woodbury", self.representation(), compute)
 
-    def _warning(self, factor: woodbury.WoodburyFactor) -> str | None:
-        # Exactly singular members are not "ill-conditioned": solves raise, logdet is -inf.
-        cond = factor.cond.masked_fill(factor.singular, 0)
-        return woodbury.ill_conditioned_message(
-            "the capacitance matrix I + B D^{-1} A of A @ B + D", cond, factor.factor.dtype, _ADVICE
-        )
+    def _checked_factorization(self, stacklevel: int, need_nonsingular: bool) -> woodbury.WoodburyFactor:
+        """The factorisation; RuntimeError if singular and ``need_nonsingular``; the warning if any.
+
+        ``stacklevel`` counts from the caller of this method (1: the caller itself)."""
+        factor = self._factorization()
+        if need_nonsingular:
+            woodbury.require_nonsingular(factor)
+        conditioning.warn_ill_conditioned(woodbury.warning_message(factor, _ADVICE), stacklevel=stacklevel + 1)
+        return factor
 
     # --- solves and determinants ------------------------------------------------------------------
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
@@ -157,11 +155,8 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
         RuntimeError
             ``M`` is singular (zero pivot in ``C``) or the diagonal has a zero entry.
         """
-        rhs, vector = _as_columns("right_tensor", right_tensor, self)
-        factor = self._factorization()
-        woodbury.require_nonsingular(factor)
-        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
-        result = woodbury.solve(factor, rhs)
+        rhs, vector = solves.as_columns("right_tensor", right_tensor, self.shape, self.dtype)
+        result = woodbury.solve(self._checked_factorization(2, need_nonsingular=True), rhs)
         result = result.squeeze(-1) if vector else result
         return result if left_tensor is None else left_tensor @ result
 
@@ -171,10 +166,7 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
                 "FactoredAddedDiag does not run Lanczos tridiagonalisation; its log-determinant is "
                 "exact: call logdet() or inv_quad_logdet(..., logdet=True)."
             )
-        factor = self._factorization()
-        woodbury.require_nonsingular(factor)
-        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
-        return woodbury.solve(factor, rhs)
+        return woodbury.solve(self._checked_factorization(2, need_nonsingular=True), rhs)
 
     def inv_quad_logdet(
         self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
@@ -204,19 +196,14 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
         return self._inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad, stacklevel=3)
 
     def _inv_quad_logdet(self, inv_quad_rhs, logdet, reduce_inv_quad, stacklevel):
-        if inv_quad_rhs is None and not logdet:
-            raise ValueError("`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both.")
+        solves.require_something(inv_quad_rhs, logdet)
         inv_quad = None
         if inv_quad_rhs is not None:
-            rhs, vector = _as_columns("inv_quad_rhs", inv_quad_rhs, self)
-        factor = self._factorization()
+            rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
+        factor = self._checked_factorization(stacklevel, need_nonsingular=inv_quad_rhs is not None)
         if inv_quad_rhs is not None:
-            woodbury.require_nonsingular(factor)
-        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=stacklevel)
-        if inv_quad_rhs is not None:
-            inv_quad = (rhs * woodbury.solve(factor, rhs)).sum(-2)
-            inv_quad = inv_quad.sum(-1) if (reduce_inv_quad or vector) else inv_quad
-        logdet_term = woodbury.logdet_from_slogdet(*woodbury.slogdet(factor)) if logdet else None
+            inv_quad = solves.inv_quad(rhs.to(factor.dtype), woodbury.solve(factor, rhs), reduce_inv_quad or vector)
+        logdet_term = solves.logdet_from_slogdet(*woodbury.slogdet(factor)) if logdet else None
         return inv_quad, logdet_term
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
@@ -232,9 +219,7 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
 
         ``sign`` is -1, 0 or 1 (a unit complex number for complex dtypes); cost as :meth:`logdet`.
         """
-        factor = self._factorization()
-        woodbury.warn_ill_conditioned(self._warning(factor), stacklevel=2)
-        return woodbury.slogdet(factor)
+        return woodbury.slogdet(self._checked_factorization(2, need_nonsingular=False))
 
     # --- structure --------------------------------------------------------------------------------
     def __neg__(self) -> FactoredAddedDiag:
@@ -245,10 +230,21 @@ class FactoredAddedDiag(AddedDiagLinearOperator):
             return FactoredAddedDiag(self._linear_op + other._linear_op, self._diag_tensor + other._diag_tensor)
         if isinstance(other, DiagLinearOperator):
             return FactoredAddedDiag(self._linear_op, self._diag_tensor + other)
-        if isinstance(other, FactoredMatrix):
+        if isinstance(other, (FactoredMatrix, Tensor, numbers.Number)) and not isinstance(other, bool):
+            # A number, row or column joins the factors as a rank-one term; a full (..., n, n)
+            # tensor raises TypeError there, as FactoredMatrix + tensor does.
             return FactoredAddedDiag(self._linear_op + other, self._diag_tensor)
-        # Anything else: linear_operator's lazy sum, with its generic (symmetric) solves.
+        # Any other operator: linear_operator's lazy sum, with its generic (symmetric) solves.
         return AddedDiagLinearOperator(self._linear_op + other, self._diag_tensor)
+
+    def __radd__(self, other):
+        return self + other
+
+    def __sub__(self, other):
+        return self + (other.mul(-1) if isinstance(other, LinearOperator) else -other)
+
+    def __rsub__(self, other):
+        return (-self) + other
 
     def _svd(self) -> tuple[LinearOperator, Tensor, LinearOperator]:
         # The inherited _svd adds the diagonal to the factored singular values, which is right only
@@ -299,155 +295,3 @@ def _check_operands(linear_ops: tuple) -> None:
             f"e.g. the diagonal tensor with .to({fm.dtype})."
         )
     check_broadcast("FactoredMatrix", fm.shape, "diagonal", diag.shape)
-
-
-def _as_columns(name: str, rhs: object, op: LinearOperator, rows: int | None = None) -> tuple[Tensor, bool]:
-    """Validate a right-hand side with ``rows`` rows (default: the operator's columns); return it as
-    ``(..., rows, k)`` and whether it was a vector."""
-    n = op.shape[-1] if rows is None else rows
-    if not isinstance(rhs, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(rhs).__name__}.")
-    if rhs.dtype != op.dtype:
-        raise TypeError(
-            f"`{name}` has dtype {rhs.dtype} but the operator has {op.dtype}; cast it with .to({op.dtype})."
-        )
-    rows = rhs.shape[-1] if rhs.dim() == 1 else (rhs.shape[-2] if rhs.dim() >= 2 else None)
-    if rows != n:
-        raise ValueError(
-            f"`{name}` must have shape (..., {n}, k) or ({n},) for an operator of shape "
-            f"{tuple(op.shape)}; got shape {tuple(rhs.shape)}."
-        )
-    check_broadcast("the operator", op.shape, f"`{name}`", rhs.shape)
-    return (rhs.unsqueeze(-1), True) if rhs.dim() == 1 else (rhs, False)
-
-
-# --- what FactoredMatrix's methods call -----------------------------------------------------------
-def add(fm: FactoredMatrix, other: object):
-    """``fm + other`` where the result keeps structure; ``NotImplemented`` for linear_operator's sum.
-
-    ``FactoredMatrix``: one FactoredMatrix with concatenated factors (inner dims add; cost one copy
-    of each factor). ``DiagLinearOperator``: a :class:`FactoredAddedDiag`. ``FactoredAddedDiag``:
-    the low-rank parts summed.
-    """
-    if isinstance(other, FactoredMatrix):
-        if other.shape[-2:] != fm.shape[-2:]:
-            raise ValueError(
-                f"shapes do not match for a sum: FactoredMatrix of shape {tuple(fm.shape)} and "
-                f"FactoredMatrix of shape {tuple(other.shape)}; the last two dims must be equal."
-            )
-        check_broadcast("FactoredMatrix", fm.shape, "FactoredMatrix", other.shape)
-        return FactoredMatrix(*woodbury.concat_factors(fm._A, fm._B, other._A, other._B))
-    if isinstance(other, DiagLinearOperator):
-        return FactoredAddedDiag(fm, other)
-    if isinstance(other, FactoredAddedDiag):
-        return other + fm
-    return NotImplemented
-
-
-def add_diagonal(fm: FactoredMatrix, diag: object) -> FactoredAddedDiag:
-    """``fm + diag(diag)`` as a :class:`FactoredAddedDiag`; ``diag`` of shape ``(..., n)``, ``(..., 1)`` or ``()``.
-
-    A diagonal of shape ``(..., 1)`` or ``()`` becomes a ``ConstantDiagLinearOperator``, as in
-    linear_operator's ``add_diagonal``.
-    """
-    if not isinstance(diag, Tensor):
-        raise TypeError(f"`diag` must be a torch.Tensor, got {type(diag).__name__}; use add_jitter for a number.")
-    fm._require_square("add_diagonal")
-    n = fm.ldim
-    try:
-        if diag.dim() and diag.shape[-1] != 1:
-            return FactoredAddedDiag(fm, DiagLinearOperator(diag.expand(*fm.batch_shape, n)))
-        return FactoredAddedDiag(fm, ConstantDiagLinearOperator(diag.expand(*fm.batch_shape, 1), diag_shape=n))
-    except RuntimeError:
-        raise ValueError(
-            f"`diag` of shape {tuple(diag.shape)} does not fit a FactoredMatrix of shape {tuple(fm.shape)}: "
-            f"it must broadcast to ({', '.join(map(str, (*fm.batch_shape, n)))}) or be a scalar."
-        ) from None
-
-
-def solve_product(fm: FactoredMatrix, right_tensor: object, left_tensor: Tensor | None) -> Tensor:
-    """``FactoredMatrix.solve``: square and full rank (``mdim >= ldim``) only; see :func:`woodbury.product_solve`."""
-    fm._require_square("solve", "Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or `fm.pinv()`.")
-    if fm.mdim < fm.ldim:
-        raise ValueError(
-            f"A @ B has rank at most mdim = {fm.mdim} < {fm.ldim} = ldim, so it is singular and solve "
-            "has no answer. Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or "
-            "`fm.pinv()`; to regularise, solve `fm.add_jitter(v)` or `fm + diag` (Woodbury)."
-        )
-    rhs, vector = _as_columns("right_tensor", right_tensor, fm)
-    result, cond = woodbury.product_solve(fm._A, fm._B, rhs)
-    woodbury.warn_ill_conditioned(
-        woodbury.ill_conditioned_message("A @ B", cond, result.dtype, "Use `fm.lstsq(y)` or `fm.pinv()`."),
-        stacklevel=3,
-    )
-    result = result.squeeze(-1) if vector else result
-    return result if left_tensor is None else left_tensor @ result
-
-
-def lstsq_product(fm: FactoredMatrix, right_tensor: object, rtol: float | None, atol: float) -> Tensor:
-    """``FactoredMatrix.lstsq``: minimum-norm least squares through the cached factored SVD."""
-    rhs, vector = _as_columns("right_tensor", right_tensor, fm, rows=fm.ldim)
-    result = woodbury.lstsq(*fm.svd(), rhs, rtol=rtol, atol=atol)
-    return result.squeeze(-1) if vector else result
-
-
-def slogdet_product(fm: FactoredMatrix) -> tuple[Tensor, Tensor]:
-    """``FactoredMatrix.slogdet``: exact. With ``mdim < n`` the product has rank below ``n``, so its
-    determinant is exactly zero; otherwise the ``n x n`` product (no larger than ``A``) is formed
-    and LU-factorised, ``O(n^2 mdim + n^3)``."""
-    fm._require_square("slogdet/logdet")
-    A, B = promote(fm._A, fm._B)
-    if fm.mdim < fm.ldim:
-        sign = A.new_zeros(fm.batch_shape)
-        return sign, torch.full(fm.batch_shape, -torch.inf, dtype=A.dtype.to_real(), device=A.device)
-    return torch.linalg.slogdet(A @ B)
-
-
-def inv_quad_logdet_product(
-    fm: FactoredMatrix, inv_quad_rhs: Tensor | None, logdet: bool, reduce_inv_quad: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """``FactoredMatrix.inv_quad_logdet``: exact, through :func:`solve_product` and
-    :func:`slogdet_product`; the inverse quadratic form needs a full-rank product (``mdim >= n``)."""
-    if inv_quad_rhs is None and not logdet:
-        raise ValueError("`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both.")
-    inv_quad = None
-    if inv_quad_rhs is not None:
-        rhs, vector = _as_columns("inv_quad_rhs", inv_quad_rhs, fm)
-        inv_quad = (rhs * solve_product(fm, rhs, None)).sum(-2)
-        inv_quad = inv_quad.sum(-1) if (reduce_inv_quad or vector) else inv_quad
-    logdet_term = woodbury.logdet_from_slogdet(*slogdet_product(fm)) if logdet else None
-    return inv_quad, logdet_term
-
-
-# --- the ``diag + fm`` hook -----------------------------------------------------------------------
-_HOOKED_CLASSES = (DiagLinearOperator, ConstantDiagLinearOperator)
-
-
-def _route_factored(original):
-    @functools.wraps(original)
-    def __add__(self, other):
-        if isinstance(other, FactoredMatrix):
-            return FactoredAddedDiag(other, self)
-        return original(self, other)
-
-    __add__._lowrank_op_original = original
-    return __add__
-
-
-def install_diag_hook() -> None:
-    """Make ``diag + fm`` a :class:`FactoredAddedDiag` (see the module docstring); idempotent."""
-    for cls in _HOOKED_CLASSES:
-        current = cls.__dict__["__add__"]
-        if not hasattr(current, "_lowrank_op_original"):
-            cls.__add__ = _route_factored(current)
-
-
-def uninstall_diag_hook() -> None:
-    """Restore linear_operator's own ``DiagLinearOperator.__add__`` and ``ConstantDiagLinearOperator.__add__``."""
-    for cls in _HOOKED_CLASSES:
-        current = cls.__dict__["__add__"]
-        if hasattr(current, "_lowrank_op_original"):
-            cls.__add__ = current._lowrank_op_original
-
-
-install_diag_hook()

@@ -7,13 +7,20 @@ numerical work is in :mod:`lowrank_op.kernels`; each method here is a few lines 
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
-from linear_operator.operators import DenseLinearOperator, LinearOperator
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    DenseLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+)
 from torch import Tensor
 
-from lowrank_op import kernels
+from lowrank_op import kernels, solves, sums
 from lowrank_op._cache import ResultCache
 from lowrank_op._checks import as_scalar, check_broadcast, check_factors, warn_off_host
 from lowrank_op._indexing import normalize_index
@@ -495,36 +502,39 @@ class FactoredMatrix(LinearOperator):
         """``(sign, log|det|)`` of the square product, exactly, each shape ``(...)``.
 
         With ``mdim < ldim`` the product has rank below ``ldim``: the determinant is exactly zero
-        (sign 0, ``-inf``). Otherwise the ``n x n`` product, no larger than ``A``, is formed and
-        LU-factorised: ``O(n^2 mdim + n^3)``. linear_operator's default would assume a symmetric
-        positive definite operator.
+        (sign 0, ``-inf``), or NaN (sign and value) where a factor holds NaN or Inf, as
+        ``torch.logdet`` of the formed product gives. Otherwise the ``n x n`` product, no larger
+        than ``A``, is formed and LU-factorised: ``O(n^2 mdim + n^3)``. linear_operator's default
+        would assume a symmetric positive definite operator. See
+        :func:`lowrank_op.solves.product_slogdet`.
         """
-        from lowrank_op import added_diag
-
-        return added_diag.slogdet_product(self)
+        self._require_square("slogdet/logdet")
+        return solves.product_slogdet(self._A, self._B)
 
     def logdet(self) -> Tensor:
-        """``log det`` of the square product as ``torch.logdet`` defines it (NaN where negative,
-        ``-inf`` where singular); see :meth:`slogdet`."""
-        from lowrank_op import added_diag
-
-        return added_diag.inv_quad_logdet_product(self, None, True, True)[1]
+        """``log det`` of the square product as ``torch.logdet`` defines it (NaN where negative or
+        where a factor holds NaN/Inf, ``-inf`` where singular); see :meth:`slogdet`."""
+        return solves.logdet_from_slogdet(*self.slogdet())
 
     def inv_quad_logdet(
         self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
-        """``tr(R^T M^{-1} R)`` (through :meth:`solve`) and ``log det M`` (:meth:`slogdet`), exactly.
+        """``tr(R^T M^{-1} R)`` (as :meth:`solve` solves) and ``log det M`` (:meth:`slogdet`), exactly.
 
         The inverse quadratic form needs a square, full-rank product (``mdim >= ldim``) and raises
         otherwise, as :meth:`solve` does; returns None for a part not asked for.
         """
-        from lowrank_op import added_diag
-
-        return added_diag.inv_quad_logdet_product(self, inv_quad_rhs, logdet, reduce_inv_quad)
+        solves.require_something(inv_quad_rhs, logdet)
+        inv_quad = None if inv_quad_rhs is None else self.inv_quad(inv_quad_rhs, reduce_inv_quad)
+        return inv_quad, (self.logdet() if logdet else None)
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
-        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced); see :meth:`inv_quad_logdet`."""
-        return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
+        """``tr(R^T M^{-1} R)``, shape ``(...)`` (or ``(..., k)`` unreduced), through :meth:`solve`'s
+        LU; see :meth:`inv_quad_logdet`."""
+        self._require_square("inv_quad", "Use `fm.lstsq(y)` or `fm.pinv()`.")
+        rhs, vector = solves.as_columns("inv_quad_rhs", inv_quad_rhs, self.shape, self.dtype)
+        solution = solves.solve_product(self._A, self._B, rhs, stacklevel=3)
+        return solves.inv_quad(rhs, solution, reduce_inv_quad or vector)
 
     def __getstate__(self) -> dict:
         # Cached decompositions may hold autograd graphs, which do not pickle; they are recomputed.
@@ -532,23 +542,120 @@ class FactoredMatrix(LinearOperator):
         state["_cache"] = ResultCache()
         return state
 
-    # --- sums, diagonals and solves (lowrank_op.woodbury) ---
+    # --- sums (lowrank_op.sums), diagonals (lowrank_op.added_diag) ---------------------------------
     def __add__(self, other):
-        """``self + other``: stays structured where it can (see :func:`lowrank_op.added_diag.add`).
+        """``self + other``, kept factored, so that later solves stay exact for non-symmetric products.
 
-        A FactoredMatrix gives one FactoredMatrix with concatenated factors (inner dims add,
-        leading dims broadcast); a ``DiagLinearOperator`` gives a
-        :class:`~lowrank_op.added_diag.FactoredAddedDiag` (Woodbury solves); a Tensor or any other
-        operator gives linear_operator's lazy sum.
+        ============================================  ===============================================
+        ``other``                                     result
+        ============================================  ===============================================
+        FactoredMatrix                                one FactoredMatrix, factors concatenated
+                                                      (inner dims add, leading dims broadcast)
+        a number, a ``()`` / ``(..., 1, 1)`` tensor,  one FactoredMatrix of inner dim ``mdim + 1``:
+        a row ``(..., 1, rdim)`` / ``(rdim,)``,       the rank-one term joins the factors (exact,
+        a column ``(..., ldim, 1)``                   ``O(ldim + rdim)``); ``fm + 0`` is ``fm``
+        a full ``(..., ldim, rdim)`` tensor ``T``     one FactoredMatrix ``[A, T] [B; I]`` (or
+                                                      ``[A, I] [B; T]``, the smaller identity)
+        ``DiagLinearOperator``, ``FactoredAddedDiag`` a :class:`~lowrank_op.added_diag.FactoredAddedDiag`
+                                                      (Woodbury solves, ``O(n mdim^2)``)
+        any other LinearOperator                      linear_operator's lazy ``SumLinearOperator``
+        ============================================  ===============================================
+
+        linear_operator's own rule would make ``fm + tensor`` a ``SumLinearOperator``, whose
+        ``solve`` and ``logdet`` assume a symmetric positive definite sum: silently wrong for a
+        non-symmetric ``A @ B``. A diagonal is best added as ``DiagLinearOperator(d)`` or with
+        :meth:`add_diagonal` (Woodbury), not as ``torch.diag(d)``, which becomes the dense case.
+        Tensors must have the FactoredMatrix's dtype (TypeError otherwise); see
+        :func:`lowrank_op.sums.tensor_term_factors`.
+
+        Examples
+        --------
+        >>> fm = FactoredMatrix(torch.ones(4, 2), torch.ones(2, 4))
+        >>> (fm + 1.0).mdim, (fm - torch.ones(4)).mdim, (torch.eye(4) + fm).mdim
+        (3, 3, 6)
         """
-        from lowrank_op import added_diag
+        if isinstance(other, FactoredMatrix):
+            if other.shape[-2:] != self.shape[-2:]:
+                raise ValueError(
+                    f"shapes do not match for a sum: FactoredMatrix of shape {tuple(self.shape)} and "
+                    f"FactoredMatrix of shape {tuple(other.shape)}; the last two dims must be equal."
+                )
+            check_broadcast("FactoredMatrix", self.shape, "FactoredMatrix", other.shape)
+            return FactoredMatrix(*sums.concat_factors(self._A, self._B, other._A, other._B))
+        if isinstance(other, (DiagLinearOperator, AddedDiagLinearOperator)):
+            from lowrank_op.added_diag import FactoredAddedDiag  # it subclasses linear_operator's and imports this module
 
-        result = added_diag.add(self, other)
-        return super().__add__(other) if result is NotImplemented else result
+            if isinstance(other, DiagLinearOperator):
+                return FactoredAddedDiag(self, other)
+            if isinstance(other, FactoredAddedDiag):
+                return other + self
+        if isinstance(other, numbers.Number) and not isinstance(other, (bool, complex)) and other == 0:
+            return self
+        term = sums.tensor_term_factors(other, self.shape, self.dtype, self.device)
+        if term is not None:
+            return FactoredMatrix(*sums.concat_factors(self._A, self._B, *term))
+        return super().__add__(other)
+
+    def __radd__(self, other):
+        """``other + self``: the same as ``self + other`` (reached from ``tensor + fm``, ``3.0 + fm``)."""
+        return self + other
 
     def __sub__(self, other):
-        """``self - other``; as :meth:`__add__` with ``-other``."""
-        return self + (-other) if isinstance(other, FactoredMatrix) else super().__sub__(other)
+        """``self - other``: ``self + (-other)``, with :meth:`__add__`'s rules."""
+        if isinstance(other, FactoredMatrix):
+            return self + (-other)
+        if isinstance(other, LinearOperator):
+            return self + other.mul(-1)
+        if isinstance(other, Tensor) and (other.dtype != self.dtype or other.device != self.device):
+            return self + other  # __add__'s dtype or device error, before any work on `other`
+        if isinstance(other, (Tensor, numbers.Number)) and not isinstance(other, bool):
+            return self + (-other)
+        return super().__sub__(other)
+
+    def __rsub__(self, other):
+        """``other - self``: ``(-self) + other``, with :meth:`__add__`'s rules."""
+        return (-self) + other
+
+    def sum(self, dim: int | None = None) -> Tensor | FactoredMatrix:
+        """Sums as linear_operator's ``LinearOperator.sum`` defines them, from the factors.
+
+        Parameters
+        ----------
+        dim : int or None
+            None: all entries, batch included, ``sum 1^T A B 1``, a 0-dim Tensor. The last dim
+            (``-1``): the sum of each row, ``A (B 1)``, a Tensor of shape ``(..., ldim)``. The one
+            before (``-2``): the sum of each column, ``(1^T A) B``, shape ``(..., rdim)``. A batch
+            dim: a FactoredMatrix with that dim summed (:func:`lowrank_op.sums.sum_batch_factors`:
+            a factor constant along it is kept, otherwise the members' factors are concatenated,
+            inner dim ``k mdim``).
+
+        Returns
+        -------
+        Tensor or FactoredMatrix
+            In the factors' dtype. Cost ``O((ldim + rdim) mdim)`` per member; nothing
+            ``ldim x rdim`` is formed.
+
+        Examples
+        --------
+        >>> fm = FactoredMatrix(torch.ones(3, 4, 2), torch.ones(2, 5))  # every entry is 2
+        >>> fm.sum(), fm.sum(-1).shape, fm.sum(0).shape, fm.sum(0).mdim
+        (tensor(120.), torch.Size([3, 4]), torch.Size([4, 5]), 2)
+        """
+        if dim is None:
+            return sums.sum_entries(self._A, self._B)
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"`dim` must be an int or None, got {type(dim).__name__}.")
+        nd = self.dim()
+        if not -nd <= dim < nd:
+            raise ValueError(
+                f"`dim` must satisfy `-{nd} <= dim < {nd}` for a FactoredMatrix of shape {tuple(self.shape)}; got {dim}."
+            )
+        dim = int(dim) % nd
+        if dim == nd - 1:
+            return sums.sum_columns(self._A, self._B)
+        if dim == nd - 2:
+            return sums.sum_rows(self._A, self._B)
+        return FactoredMatrix(*sums.sum_batch_factors(*self._aligned(), dim))
 
     def add_diagonal(self, diag: Tensor):
         """``A @ B + diag(diag)`` as a :class:`~lowrank_op.added_diag.FactoredAddedDiag` (Woodbury solves).
@@ -558,14 +665,27 @@ class FactoredMatrix(LinearOperator):
         linear_operator; ``fm + DiagLinearOperator(d)`` broadcasts both ways); the product must be
         square. Cost ``O(1)``: nothing is factorised until a solve.
         """
-        from lowrank_op import added_diag
-
-        return added_diag.add_diagonal(self, diag)
+        if not isinstance(diag, Tensor):
+            raise TypeError(f"`diag` must be a torch.Tensor, got {type(diag).__name__}; use add_jitter for a number.")
+        self._require_square("add_diagonal")
+        n = self.ldim
+        try:
+            if diag.dim() and diag.shape[-1] != 1:
+                operator = DiagLinearOperator(diag.expand(*self.batch_shape, n))
+            else:
+                operator = ConstantDiagLinearOperator(diag.expand(*self.batch_shape, 1), diag_shape=n)
+        except RuntimeError:
+            raise ValueError(
+                f"`diag` of shape {tuple(diag.shape)} does not fit a FactoredMatrix of shape {tuple(self.shape)}: "
+                f"it must broadcast to ({', '.join(map(str, (*self.batch_shape, n)))}) or be a scalar."
+            ) from None
+        return self + operator
 
     def add_jitter(self, jitter_val: float = 1e-3):
         """``A @ B + jitter_val * I`` as a :class:`~lowrank_op.added_diag.FactoredAddedDiag`."""
         return self.add_diagonal(torch.tensor(jitter_val, dtype=self.dtype, device=self.device))
 
+    # --- solves and determinants of A @ B alone (lowrank_op.solves) ---------------------------------
     def pinv(self, rtol: float | None = None, atol: float = 0.0) -> FactoredMatrix:
         """The Moore-Penrose pseudo-inverse ``V diag(1/S) U^H``, truncated, as a FactoredMatrix.
 
@@ -584,11 +704,9 @@ class FactoredMatrix(LinearOperator):
         Notes
         -----
         From the cached factored SVD (:meth:`svd`): ``O((ldim + rdim) mdim^2 + mdim^3)``, nothing
-        ``ldim x rdim`` formed. See :func:`lowrank_op.woodbury.pinv_factors`.
+        ``ldim x rdim`` formed. See :func:`lowrank_op.solves.pinv_factors`.
         """
-        from lowrank_op import woodbury
-
-        return FactoredMatrix(*woodbury.pinv_factors(*self.svd(), rtol=rtol, atol=atol))
+        return FactoredMatrix(*solves.pinv_factors(*self.svd(), rtol=rtol, atol=atol))
 
     def lstsq(self, right_tensor: Tensor, rtol: float | None = None, atol: float = 0.0) -> Tensor:
         """The minimum-norm least-squares solution ``pinv(A @ B) @ right_tensor``.
@@ -602,11 +720,11 @@ class FactoredMatrix(LinearOperator):
         Returns
         -------
         Tensor, shape (..., rdim, k) or (rdim,)
-            Cost ``O((ldim + rdim) (mdim^2 + mdim k) + mdim^3)``; see :func:`lowrank_op.woodbury.lstsq`.
+            Cost ``O((ldim + rdim) (mdim^2 + mdim k) + mdim^3)``; see :func:`lowrank_op.solves.lstsq`.
         """
-        from lowrank_op import added_diag
-
-        return added_diag.lstsq_product(self, right_tensor, rtol, atol)
+        rhs, vector = solves.as_columns("right_tensor", right_tensor, self.shape, self.dtype, rows=self.ldim)
+        result = solves.lstsq(*self.svd(), rhs, rtol=rtol, atol=atol)
+        return result.squeeze(-1) if vector else result
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         """``(A @ B)^{-1} right_tensor`` for a square, full-rank product (``mdim >= ldim``).
@@ -628,17 +746,19 @@ class FactoredMatrix(LinearOperator):
             :meth:`lstsq` or :meth:`pinv`.
         RuntimeError
             The product is exactly singular (a zero pivot); an ill-conditioned one gives an
-            :class:`~lowrank_op.woodbury.IllConditionedWarning`.
+            :class:`~lowrank_op.errors.IllConditionedWarning`.
 
         Notes
         -----
         With ``mdim >= n`` the ``n x n`` product is no larger than ``A``, so it is formed and
         LU-factorised: ``O(n^2 mdim + n^3)``; no CG, so non-symmetric products are solved
-        correctly. See :func:`lowrank_op.woodbury.product_solve`.
+        correctly. See :func:`lowrank_op.solves.solve_product`.
         """
-        from lowrank_op import added_diag
-
-        return added_diag.solve_product(self, right_tensor, left_tensor)
+        self._require_square("solve", "Use `fm.lstsq(y)` for the minimum-norm least-squares solution, or `fm.pinv()`.")
+        rhs, vector = solves.as_columns("right_tensor", right_tensor, self.shape, self.dtype)
+        result = solves.solve_product(self._A, self._B, rhs, stacklevel=2)
+        result = result.squeeze(-1) if vector else result
+        return result if left_tensor is None else left_tensor @ result
 
     def __repr__(self) -> str:
         return (

@@ -91,3 +91,22 @@ class gram_norm_max_rel_error(_PositiveReal):
     exceeds this; then it takes the norm of the QR core. Default 1e-6."""
 
     default = 1e-6
+
+
+# --- Solves and determinants (lowrank_op.conditioning, lowrank_op.woodbury, lowrank_op.solves) ----
+class ill_conditioned_rcond(_PositiveReal):
+    """A factorisation is reported ill-conditioned (:class:`~lowrank_op.errors.IllConditionedWarning`)
+    when its estimated 1-norm condition number exceeds ``1 / (ill_conditioned_rcond * eps)``: the
+    result may then have no correct digits. SciPy's ``solve`` warns by the same rule with factor 1.
+    In :mod:`lowrank_op.woodbury`, a 32-bit capacitance matrix past this limit is factorised again
+    in 64 bits. Default 1."""
+
+    default = 1.0
+
+
+class condest_iterations(_PositiveInt):
+    """Iterations of Hager's 1-norm estimator of ``|C^{-1}|_1``
+    (:func:`lowrank_op.conditioning.inverse_norm1_estimate`), each one pair of triangular solves
+    with one vector. LAPACK's ``xLACN2`` stops after at most 5. Default 5."""
+
+    default = 5

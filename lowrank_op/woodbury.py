@@ -1,64 +1,51 @@
-"""Pure-tensor kernels for solves with factored matrices.
+"""Kernels for ``M = A @ B + diag(d)``: Woodbury solves and the matrix determinant lemma.
 
-Four families, all on the factors of ``M = A @ B`` (``A`` of shape ``(..., ldim, mdim)``, ``B`` of
-shape ``(..., mdim, rdim)``; leading dims broadcast):
+``A`` of shape ``(..., n, mdim)``, ``B`` of shape ``(..., mdim, n)``, ``d`` of shape ``(..., n)``;
+leading dims broadcast. Solves go through the Woodbury identity and log-determinants through the
+matrix determinant lemma, both through the ``mdim x mdim`` *capacitance matrix*
+``C = I + B D^{-1} A``::
 
-* **Low rank plus diagonal**, ``M = A @ B + diag(d)`` (square, ``n = ldim = rdim``): solves by the
-  Woodbury identity and log-determinants by the matrix determinant lemma, through the
-  ``mdim x mdim`` *capacitance matrix* ``C = I + B D^{-1} A``::
+    M^{-1} = D^{-1} - D^{-1} A C^{-1} B D^{-1},        det M = det D * det C.
 
-      M^{-1} = D^{-1} - D^{-1} A C^{-1} B D^{-1},        det M = det D * det C.
-
-  ``C`` is LU-factorised (partial pivoting), which is right for any ``A @ B``; when the operator is
-  Hermitian positive definite (:func:`is_hermitian_pair`) it is the Hermitian positive definite
-  ``I + A~^H A~`` with ``A~ = D^{-1/2} A`` instead, and Cholesky-factorised. Cost
-  ``O(n mdim^2 + mdim^3)`` once, then ``O(n mdim k)`` per solve with ``k`` right-hand sides.
-  Nothing ``n x n`` is formed; no iterative method is used.
-* **Pseudo-inverse and least squares** of ``A @ B`` from its factored SVD
-  (:func:`lowrank_op.kernels.svd`): :func:`pinv_factors`, :func:`lstsq`.
-* **Direct solve** of a square ``A @ B`` with ``mdim >= ldim``: :func:`product_solve`.
-* **Sums**: :func:`concat_factors`, the factors of ``A1 @ B1 + A2 @ B2``.
+``C`` is LU-factorised (partial pivoting), which is right for any ``A @ B``; when the operator is
+Hermitian positive definite (:func:`is_hermitian_pair`) it is the Hermitian positive definite
+``I + A~^H A~`` with ``A~ = D^{-1/2} A`` instead, and Cholesky-factorised. Cost
+``O(n mdim^2 + mdim^3)`` once, then ``O(n mdim k)`` per solve with ``k`` right-hand sides. Nothing
+``n x n`` is formed; no iterative method is used. ``mdim = 0`` is the diagonal alone (``C`` is
+0 x 0); ``n = 0`` is the empty operator (log-determinant 0, empty solves).
 
 Numerical failures are reported, never returned as numbers: a zero (or non-finite) diagonal raises
-RuntimeError (the Woodbury identity needs ``D^{-1}``); an exactly singular ``C`` (a zero pivot)
-makes solves raise RuntimeError and log-determinants ``-inf``, as ``torch.linalg.slogdet`` does;
-and every factorisation comes with an estimate of its condition number, which the callers turn
-into an :class:`IllConditionedWarning` when it exceeds ``1 / (ILL_CONDITIONED_RCOND * eps)``. The
-estimate is ``N * |C^{-1}|_1``, with ``|C^{-1}|_1`` from Hager's estimator (LAPACK's ``gecon``
-method, ``O(mdim^2)`` given the factors) and ``N`` a 1-norm bound on the terms ``C`` is summed from:
-``1 + |B|_1 |D^{-1} A|_1`` on the LU path, so that cancellation in forming ``C`` (which is how a
-nearly singular ``A @ B + D`` shows itself, whatever ``cond(C)`` is) is caught; ``|C|_1`` on the
-Cholesky path, where ``C`` is ``I`` plus a Gram matrix, whose rounding error is relative to ``|C|``.
+RuntimeError (the identity needs ``D^{-1}``); an exactly singular ``C`` (a zero pivot) makes
+solves raise RuntimeError and log-determinants ``-inf``, as ``torch.linalg.slogdet`` does, with an
+:class:`~lowrank_op.errors.IllConditionedWarning` (a zero pivot may be rounding); and every
+factorisation comes with a condition estimate (:mod:`lowrank_op.conditioning`), ``N |C^{-1}|_1``
+with ``N = 1 + |B|_1 |D^{-1} A|_1`` on the LU path, so that cancellation in forming ``C`` (which is
+how a nearly singular ``A @ B + D`` shows itself, whatever ``cond(C)`` is) is caught, and
+``N = |C|_1`` on the Cholesky path, where ``C`` is ``I`` plus a Gram matrix.
 
-No SciPy and no operator classes here (the small records :class:`WoodburyFactor` and the warning
-class aside); :mod:`lowrank_op.added_diag` and :mod:`lowrank_op.factored` are thin layers over these
-functions.
+*32-bit refinement.* A float32 or complex64 capacitance matrix that is ill-conditioned by that
+estimate, or has a zero pivot, is formed and factorised again in float64 (complex128) from the same
+input values: the solve or determinant is then right for the operator as given, to float32
+rounding of the result, instead of lost (a 32-bit ``C`` of a nearly singular operator is rounding
+noise, and can even be exactly singular). The callers still warn, since the answer is as sensitive
+to the inputs' own rounding as the condition number says. ``lowrank_op.choices`` records it.
 
-References
-----------
-Hager, "Condition estimates", SIAM J. Sci. Stat. Comput. 5 (1984); Higham, "FORTRAN codes for
-estimating the one-norm of a real or complex matrix", ACM TOMS 14 (1988).
+The operator class is :class:`lowrank_op.added_diag.FactoredAddedDiag`; solves of ``A @ B`` alone
+are in :mod:`lowrank_op.solves`.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from lowrank_op.errors import IllConditionedWarning
+from lowrank_op import choices, conditioning
 from lowrank_op.kernels import promote
+from lowrank_op.solves import lu_slogdet
 
-# --- Thresholds (the only place they live) -------------------------------------------------------
-#: A factorisation is reported as ill-conditioned (:class:`IllConditionedWarning`) when its estimated
-#: reciprocal 1-norm condition number is below this multiple of the dtype's machine epsilon: the
-#: result may then have no correct digits. SciPy's ``solve`` uses the same rule (factor 1).
-ILL_CONDITIONED_RCOND = 1.0
-#: Iterations of Hager's 1-norm estimator (each two ``mdim x mdim`` triangular solve pairs with one
-#: vector). LAPACK's ``xLACN2`` stops after at most 5.
-CONDEST_ITERATIONS = 5
+_WIDER = {torch.float32: torch.float64, torch.complex64: torch.complex128}
 
 
 class WoodburyFactor(NamedTuple):
@@ -69,6 +56,9 @@ class WoodburyFactor(NamedTuple):
     LU-factorised (``factor``, ``pivots`` from ``torch.linalg.lu_factor_ex``, ``left = D^{-1} A``,
     ``right = B``, ``scale = d``). ``singular``: bool, shape ``(...)``, an exact zero pivot.
     ``cond``: the condition estimate of the module docstring, shape ``(...)`` (``inf`` if singular).
+    ``dtype``: the dtype results are returned in (the inputs', float32 for 16-bit ones).
+    ``first_cond``: when the factorisation was redone in 64 bits, the estimate of the 32-bit one
+    (``inf`` where it had a zero pivot); else None.
     """
 
     hermitian: bool
@@ -79,104 +69,10 @@ class WoodburyFactor(NamedTuple):
     pivots: Tensor | None
     singular: Tensor
     cond: Tensor
+    dtype: torch.dtype
+    first_cond: Tensor | None = None
 
 
-# --- Helpers --------------------------------------------------------------------------------------
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype.to_real()
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(_real_dtype(dtype)).eps
-
-
-def ill_conditioned_message(what: str, cond: Tensor, dtype: torch.dtype, advice: str) -> str | None:
-    """The warning text when ``cond`` (shape ``(...)``) exceeds the threshold anywhere, else None."""
-    limit = 1.0 / (ILL_CONDITIONED_RCOND * _eps(dtype))
-    worst = float(cond.max()) if cond.numel() else 0.0
-    if worst <= limit:  # also false for NaN: a NaN estimate is reported
-        return None
-    return (
-        f"{what} is ill-conditioned: estimated condition number {worst:.2e} (1-norm) exceeds "
-        f"{limit:.1e} = 1/eps for {_real_dtype(dtype)}, so the result may have no correct digits. "
-        f"{advice}"
-    )
-
-
-def warn_ill_conditioned(message: str | None, stacklevel: int) -> None:
-    """Issue an :class:`IllConditionedWarning` when ``message`` is not None."""
-    if message is not None:
-        warnings.warn(message, IllConditionedWarning, stacklevel=stacklevel + 1)
-
-
-def inverse_norm1_estimate(solve, solve_adjoint, like: Tensor) -> Tensor:
-    """A lower bound on ``|C^{-1}|_1`` (usually within a factor 3), shape ``(...)``.
-
-    Hager's method with Higham's extra test vector, vectorised over the batch with a fixed number of
-    iterations (``CONDEST_ITERATIONS``); ``solve(X)`` applies ``C^{-1}`` and ``solve_adjoint(X)``
-    applies ``C^{-H}`` to ``(..., m, 1)`` tensors; ``like`` (``(..., m, m)``) gives shape and dtype.
-    Cost ``O(m^2)`` per iteration given the factorisation.
-    """
-    *batch, m, _ = like.shape
-    real = _real_dtype(like.dtype)
-    x = like.new_full((*batch, m, 1), 1.0 / m)
-    estimate = torch.zeros(batch, dtype=real, device=like.device)
-    for _ in range(CONDEST_ITERATIONS):
-        y = solve(x)
-        estimate = torch.maximum(estimate, y.abs().sum((-2, -1)))
-        z = solve_adjoint(torch.where(y == 0, torch.ones_like(y), torch.sgn(y)))
-        j = z.abs().argmax(-2, keepdim=True)
-        x = torch.zeros_like(x).scatter_(-2, j, 1.0)
-    steps = torch.arange(m, dtype=real, device=like.device)
-    alternating = (1 - 2 * (steps % 2)) * (1 + steps / max(m - 1, 1))
-    y = solve(alternating.to(like.dtype).expand(*batch, m).unsqueeze(-1))
-    return torch.maximum(estimate, 2 * y.abs().sum((-2, -1)) / (3 * m))
-
-
-def _lu_condition(C: Tensor, LU: Tensor, pivots: Tensor, singular: Tensor, data_norm: Tensor) -> Tensor:
-    """Estimated condition number ``data_norm * |C^{-1}|_1`` from LU factors, ``inf`` where singular.
-
-    ``data_norm`` is a 1-norm bound on the terms ``C`` was summed from (``|C|_1`` or more), so the
-    estimate also covers cancellation in forming ``C``, whose rounding error scales with it.
-    """
-    with torch.no_grad():
-        LU, C = LU.detach(), C.detach()
-        if bool(singular.any()):  # keep the estimate of the regular members finite
-            eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device)
-            LU = torch.where(singular[..., None, None], eye, LU)
-        inv_norm = inverse_norm1_estimate(
-            lambda X: torch.linalg.lu_solve(LU, pivots, X),
-            lambda X: torch.linalg.lu_solve(LU, pivots, X, adjoint=True),
-            C,
-        )
-        cond = (data_norm.detach() * inv_norm).expand(singular.shape)
-        return torch.where(singular, torch.inf, cond)
-
-
-def _norm1(X: Tensor) -> Tensor:
-    return torch.linalg.matrix_norm(X.detach(), ord=1)
-
-
-def _lu_slogdet(LU: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sign, log|det|)`` from ``torch.linalg.lu_factor`` output; differentiable through ``LU``."""
-    diag = LU.diagonal(dim1=-2, dim2=-1)
-    steps = torch.arange(1, pivots.shape[-1] + 1, device=pivots.device, dtype=pivots.dtype)
-    swaps = (pivots != steps).sum(-1)
-    perm_sign = 1 - 2 * (swaps % 2)
-    sign = torch.sgn(diag).prod(-1) * perm_sign.to(diag.dtype)
-    return sign, diag.abs().log().sum(-1)
-
-
-def logdet_from_slogdet(sign: Tensor, logabsdet: Tensor) -> Tensor:
-    """``log det`` as ``torch.logdet`` defines it: NaN where the determinant is negative, ``-inf``
-    where it is zero; complex (``log|det| + i arg det``) for complex dtypes."""
-    if sign.is_complex():
-        return logabsdet.to(sign.dtype) + torch.log(sign)
-    nan = torch.full_like(logabsdet, float("nan"))
-    return torch.where(sign > 0, logabsdet, torch.where(sign == 0, -torch.inf, nan))
-
-
-# --- Low rank plus diagonal -----------------------------------------------------------------------
 def _root(t: Tensor) -> Tensor:
     """The tensor whose memory an autograd view ``t`` looks at (``t`` itself if not a view)."""
     return t if t._base is None else t._base
@@ -252,6 +148,35 @@ def capacitance(right: Tensor, left: Tensor) -> Tensor:
     return C
 
 
+def _factorize(A: Tensor, B: Tensor, d: Tensor, hermitian: bool) -> WoodburyFactor:
+    if hermitian:
+        scale = d.real.sqrt().to(A.dtype) if d.is_complex() else d.sqrt()
+        left = A / scale.unsqueeze(-1)
+        C = capacitance(left.mH, left)
+        L, info = torch.linalg.cholesky_ex(C)
+        if bool((info != 0).any()):  # C >= I cannot fail in exact arithmetic
+            raise RuntimeError(
+                "the Cholesky factorisation of the capacitance matrix I + A^H D^{-1} A failed although "
+                "it is Hermitian positive definite in exact arithmetic; the factors are too large for "
+                f"{A.dtype}. Rescale them, or use float64."
+            )
+        with torch.no_grad():
+            Ld = L.detach()
+            solve = lambda X: torch.cholesky_solve(X, Ld)  # noqa: E731
+            cond = conditioning.norm1(C) * conditioning.inverse_norm1_estimate(solve, solve, C)
+        singular = torch.zeros(cond.shape, dtype=torch.bool, device=C.device)
+        return WoodburyFactor(True, left, None, scale, L, None, singular, cond, A.dtype)
+    left = A / d.unsqueeze(-1)
+    C = capacitance(B, left)
+    LU, pivots, info = torch.linalg.lu_factor_ex(C)
+    singular = info != 0
+    # C = I + B (D^{-1} A) is summed from terms of 1-norm up to 1 + |B|_1 |D^{-1} A|_1; when they
+    # cancel (M nearly singular) C's rounding error is relative to that, not to |C|_1.
+    data_norm = 1 + conditioning.norm1(B) * conditioning.norm1(left)
+    cond = conditioning.lu_condition(C, LU, pivots, singular, data_norm)
+    return WoodburyFactor(False, left, B, d, LU, pivots, singular, cond, A.dtype)
+
+
 def factorize(A: Tensor, B: Tensor, d: Tensor, hermitian: bool) -> WoodburyFactor:
     """Factorise ``A @ B + diag(d)`` for Woodbury solves and the determinant lemma.
 
@@ -278,35 +203,32 @@ def factorize(A: Tensor, B: Tensor, d: Tensor, hermitian: bool) -> WoodburyFacto
     Notes
     -----
     Cost ``O(n mdim^2)`` to form ``C``, ``O(mdim^3)`` to factor it, ``O(mdim^2)`` for the condition
-    estimate. 16-bit inputs are computed in float32.
+    estimate. 16-bit inputs are computed in float32; a 32-bit ``C`` that is ill-conditioned or
+    singular is factorised again in 64 bits (module docstring), at twice that cost or more.
+
+    Examples
+    --------
+    >>> A, B = torch.randn(100, 3, dtype=torch.float64), torch.randn(3, 100, dtype=torch.float64)
+    >>> d = torch.full((100,), 10.0, dtype=torch.float64)
+    >>> factor = factorize(A, B, d, hermitian=False)
+    >>> y = torch.randn(100, 2, dtype=torch.float64)
+    >>> bool(torch.allclose((A @ B + torch.diag(d)) @ solve(factor, y), y))
+    True
     """
     A, B, d = promote(A, B, d)
     check_diagonal(d)
-    if hermitian:
-        scale = d.real.sqrt().to(A.dtype) if d.is_complex() else d.sqrt()
-        left = A / scale.unsqueeze(-1)
-        C = capacitance(left.mH, left)
-        L, info = torch.linalg.cholesky_ex(C)
-        if bool((info != 0).any()):  # C >= I cannot fail in exact arithmetic
-            raise RuntimeError(
-                "the Cholesky factorisation of the capacitance matrix I + A^H D^{-1} A failed although "
-                "it is Hermitian positive definite in exact arithmetic; the factors are too large for "
-                f"{A.dtype}. Rescale them, or use float64."
-            )
-        with torch.no_grad():
-            Ld = L.detach()
-            solve = lambda X: torch.cholesky_solve(X, Ld)  # noqa: E731
-            cond = _norm1(C) * inverse_norm1_estimate(solve, solve, C)
-        singular = torch.zeros(cond.shape, dtype=torch.bool, device=C.device)
-        return WoodburyFactor(True, left, None, scale, L, None, singular, cond)
-    left = A / d.unsqueeze(-1)
-    C = capacitance(B, left)
-    LU, pivots, info = torch.linalg.lu_factor_ex(C)
-    singular = info != 0
-    # C = I + B (D^{-1} A) is summed from terms of 1-norm up to 1 + |B|_1 |D^{-1} A|_1; when they
-    # cancel (M nearly singular) C's rounding error is relative to that, not to |C|_1.
-    cond = _lu_condition(C, LU, pivots, singular, 1 + _norm1(B) * _norm1(left))
-    return WoodburyFactor(False, left, B, d, LU, pivots, singular, cond)
+    factor = _factorize(A, B, d, hermitian)
+    wide = _WIDER.get(A.dtype)
+    if wide is None or not conditioning.is_ill_conditioned(factor.cond, A.dtype):
+        return factor
+    choices.record(
+        "woodbury",
+        str(wide).removeprefix("torch."),
+        f"the {A.dtype} capacitance matrix has estimated condition number {float(factor.cond.max()):.2e} "
+        f"> {conditioning.limit(A.dtype):.1e} (or a zero pivot): factorised again in {wide}",
+    )
+    wider = _factorize(A.to(wide), B.to(wide), d.to(wide.to_real() if not d.is_complex() else wide), hermitian)
+    return wider._replace(dtype=A.dtype, first_cond=factor.cond)
 
 
 def require_nonsingular(factor: WoodburyFactor) -> None:
@@ -321,6 +243,42 @@ def require_nonsingular(factor: WoodburyFactor) -> None:
         )
 
 
+def warning_message(factor: WoodburyFactor, advice: str) -> str | None:
+    """The :class:`~lowrank_op.errors.IllConditionedWarning` text for ``factor``, or None.
+
+    Reported: a zero pivot (``log|det|`` is then ``-inf``, which is exact only for an exactly
+    singular operator), an estimate above the limit of the dtype the factorisation ran in, and a
+    32-bit factorisation that had to be redone in 64 bits.
+    """
+    what = "the capacitance matrix I + B D^{-1} A of A @ B + D"
+    ran_in = factor.factor.dtype
+    if bool(factor.singular.any()):
+        where = [tuple(int(i) for i in idx) for idx in factor.singular.nonzero()[:3]]
+        at = f" (batch index {where})" if factor.singular.dim() else ""
+        return (
+            f"{what} has an exact zero pivot in {ran_in.to_real()}{at}: the operator is singular to "
+            "working precision, so log|det| is -inf and solves raise. That is exact only if it is "
+            f"exactly singular. {advice}"
+        )
+    message = conditioning.ill_conditioned_message(what, factor.cond, ran_in, advice)
+    if message is not None or factor.first_cond is None:
+        return message
+    first = float(factor.first_cond.max())
+    if first == float("inf"):
+        reason = "has an exact zero pivot"
+    else:
+        reason = (
+            f"is ill-conditioned (estimated condition number {first:.2e} (1-norm) exceeds "
+            f"{conditioning.limit(factor.dtype):.1e} = 1/eps)"
+        )
+    return (
+        f"{what} {reason} in {factor.dtype}, so it was factorised again in {ran_in} (estimated "
+        f"condition number {float(factor.cond.max()):.2e} there) and the result rounded to {factor.dtype}. "
+        f"It is right for the values given, but a relative change of eps({factor.dtype}) in A, B or d "
+        f"can change it by up to the condition number times that. {advice}"
+    )
+
+
 def solve(factor: WoodburyFactor, rhs: Tensor) -> Tensor:
     """``(A @ B + D)^{-1} rhs`` by the Woodbury identity.
 
@@ -333,20 +291,22 @@ def solve(factor: WoodburyFactor, rhs: Tensor) -> Tensor:
     Returns
     -------
     Tensor, shape (..., n, k)
-        Leading dims broadcast between ``factor`` and ``rhs``.
+        Leading dims broadcast between ``factor`` and ``rhs``; dtype ``factor.dtype``.
 
     Notes
     -----
     ``x = D^{-1} y - D^{-1} A C^{-1} (B D^{-1} y)``: cost ``O(n mdim k + mdim^2 k)``.
     """
-    (rhs,) = promote(rhs)
+    rhs = rhs.to(factor.factor.dtype)
     scale = factor.scale.unsqueeze(-1)
     y = rhs / scale
     if factor.hermitian:  # x = D^{-1/2} (y~ - A~ C^{-1} A~^H y~), y~ = D^{-1/2} rhs
         inner = torch.cholesky_solve(factor.left.mH @ y, factor.factor)
-        return (y - factor.left @ inner) / scale
-    inner = torch.linalg.lu_solve(factor.factor, factor.pivots, factor.right @ y)
-    return y - factor.left @ inner
+        x = (y - factor.left @ inner) / scale
+    else:
+        inner = torch.linalg.lu_solve(factor.factor, factor.pivots, factor.right @ y)
+        x = y - factor.left @ inner
+    return x.to(factor.dtype)
 
 
 def slogdet(factor: WoodburyFactor) -> tuple[Tensor, Tensor]:
@@ -357,127 +317,15 @@ def slogdet(factor: WoodburyFactor) -> tuple[Tensor, Tensor]:
     sign : Tensor, shape (...)
         ``-1``, ``0`` or ``1`` (a unit complex number for complex dtypes); 0 when ``C`` is singular.
     logabsdet : Tensor, shape (...)
-        Real; ``-inf`` when ``C`` is singular. Cost ``O(n + mdim)`` given the factorisation.
+        Real; ``-inf`` when ``C`` is singular; 0 for a 0 x 0 operator. Cost ``O(n + mdim)`` given
+        the factorisation.
     """
     if factor.hermitian:
         logdet_c = 2 * factor.factor.diagonal(dim1=-2, dim2=-1).real.log().sum(-1)
         logabsdet = 2 * factor.scale.real.log().sum(-1) + logdet_c
-        return torch.ones_like(logabsdet).to(factor.factor.dtype), logabsdet
-    sign_c, logabs_c = _lu_slogdet(factor.factor, factor.pivots)
-    d = factor.scale
-    return torch.sgn(d).prod(-1) * sign_c, d.abs().log().sum(-1) + logabs_c
-
-
-# --- Sums -----------------------------------------------------------------------------------------
-def concat_factors(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> tuple[Tensor, Tensor]:
-    """Factors of ``A1 @ B1 + A2 @ B2``: ``([A1, A2], [B1; B2])``, inner dim ``mdim1 + mdim2``.
-
-    Leading dims broadcast separately among the left and the right factors (so a factor shared by
-    all batch members stays shared); dtypes promote as in ``+``. Cost: one copy of each factor.
-    """
-    dtype = torch.promote_types(A1.dtype, A2.dtype)
-    lead_a = torch.broadcast_shapes(A1.shape[:-2], A2.shape[:-2])
-    lead_b = torch.broadcast_shapes(B1.shape[:-2], B2.shape[:-2])
-    A = torch.cat([A1.to(dtype).expand(*lead_a, *A1.shape[-2:]), A2.to(dtype).expand(*lead_a, *A2.shape[-2:])], -1)
-    B = torch.cat([B1.to(dtype).expand(*lead_b, *B1.shape[-2:]), B2.to(dtype).expand(*lead_b, *B2.shape[-2:])], -2)
-    return A, B
-
-
-# --- Pseudo-inverse, least squares and direct solves of A @ B -------------------------------------
-def _pinv_scale(S: Tensor, ldim: int, rdim: int, rtol: float | None, atol: float) -> tuple[Tensor, int]:
-    """``1 / S`` where ``S > max(atol, rtol * S_max)`` and 0 elsewhere, and how many columns to keep."""
-    if rtol is None:
-        rtol = max(ldim, rdim) * _eps(S.dtype) if atol == 0 else 0.0
-    tol = torch.clamp(rtol * S[..., :1], min=atol) if S.shape[-1] else S[..., :1]
-    keep = S > tol
-    kept = int(keep.sum(-1).max()) if keep.numel() else 0
-    safe = torch.where(keep, S, torch.ones_like(S))
-    return torch.where(keep, 1 / safe, torch.zeros_like(S)), kept
-
-
-def pinv_factors(
-    U: Tensor, S: Tensor, V: Tensor, rtol: float | None = None, atol: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """Factors ``(V diag(1/S), U^H)`` of the pseudo-inverse of ``U diag(S) V^H``, truncated.
-
-    Parameters
-    ----------
-    U : Tensor, shape (..., ldim, k)
-    S : Tensor, shape (..., k)
-        Descending, as from :func:`lowrank_op.kernels.svd`.
-    V : Tensor, shape (..., rdim, k)
-    rtol, atol : float
-        Singular values at most ``max(atol, rtol * S_max)`` are treated as zero, as in
-        ``torch.linalg.pinv``; ``rtol=None`` means ``max(ldim, rdim) * eps`` when ``atol`` is 0,
-        else 0.
-
-    Returns
-    -------
-    P : Tensor, shape (..., rdim, r)
-    Q : Tensor, shape (..., r, ldim)
-        ``pinv(A @ B) = P @ Q``; ``r`` is the largest number of kept singular values over the
-        batch (members with fewer get zero columns). Cost ``O((ldim + rdim) k)`` given the SVD.
-    """
-    scale, kept = _pinv_scale(S, U.shape[-2], V.shape[-2], rtol, atol)
-    scale = scale[..., :kept]
-    return V[..., :kept] * scale.unsqueeze(-2).to(V.dtype), U[..., :kept].mH
-
-
-def lstsq(U: Tensor, S: Tensor, V: Tensor, rhs: Tensor, rtol: float | None = None, atol: float = 0.0) -> Tensor:
-    """Minimum-norm least-squares solution ``x = pinv(A @ B) rhs`` from the factored SVD.
-
-    Parameters
-    ----------
-    U, S, V : Tensor
-        As for :func:`pinv_factors`.
-    rhs : Tensor, shape (..., ldim, c)
-    rtol, atol : float
-        As for :func:`pinv_factors`.
-
-    Returns
-    -------
-    Tensor, shape (..., rdim, c)
-        Cost ``O((ldim + rdim) k c)`` given the SVD.
-    """
-    (rhs,) = promote(rhs)
-    scale, _ = _pinv_scale(S, U.shape[-2], V.shape[-2], rtol, atol)
-    return V @ (scale.unsqueeze(-1).to(V.dtype) * (U.mH @ rhs.to(U.dtype)))
-
-
-def product_solve(A: Tensor, B: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
-    """``(A @ B)^{-1} rhs`` for a square product with ``mdim >= ldim``, and a condition estimate.
-
-    Parameters
-    ----------
-    A : Tensor, shape (..., n, mdim)
-    B : Tensor, shape (..., mdim, n)
-        ``mdim >= n``, so the ``n x n`` product is no larger than ``A``: it is formed.
-    rhs : Tensor, shape (..., n, k)
-
-    Returns
-    -------
-    x : Tensor, shape (..., n, k)
-    cond : Tensor, shape (...)
-        ``|A|_1 |B|_1 |(A @ B)^{-1}|_1`` (estimated): the 1-norm condition number of ``A @ B``, or
-        more where forming the product cancels.
-
-    Raises
-    ------
-    RuntimeError
-        When the LU factorisation finds an exact zero pivot.
-
-    Notes
-    -----
-    ``O(n^2 mdim)`` to form the product, ``O(n^3)`` for its LU, ``O(n^2 k)`` per solve.
-    """
-    A, B, rhs = promote(A, B, rhs)
-    M = A @ B
-    LU, pivots, info = torch.linalg.lu_factor_ex(M)
-    singular = info != 0
-    if bool(singular.any()):
-        raise RuntimeError(
-            "A @ B is singular (its LU factorisation has a zero pivot), so it has no inverse. Use "
-            "`lstsq(y)` for the minimum-norm least-squares solution, or `pinv()`."
-        )
-    cond = _lu_condition(M, LU, pivots, singular, _norm1(A) * _norm1(B))
-    return torch.linalg.lu_solve(LU, pivots, rhs), cond
+        sign = torch.ones_like(logabsdet).to(factor.factor.dtype)
+    else:
+        sign_c, logabs_c = lu_slogdet(factor.factor, factor.pivots)
+        d = factor.scale
+        sign, logabsdet = torch.sgn(d).prod(-1) * sign_c, d.abs().log().sum(-1) + logabs_c
+    return sign.to(factor.dtype), logabsdet.to(factor.dtype.to_real())

@@ -21,7 +21,7 @@ from helpers import assert_scaled_close, factor_specs, make_factors, ref_dtype
 from hypothesis import given
 from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
 
-from lowrank_op import FactoredAddedDiag, FactoredMatrix, IllConditionedWarning, woodbury
+from lowrank_op import FactoredAddedDiag, FactoredMatrix, IllConditionedWarning, choices, conditioning, settings
 
 #: Tolerances relative to the size of the reference (its max-abs entry); the test operators have
 #: condition numbers below about 100.
@@ -74,7 +74,7 @@ def dense_of(A, B, d) -> torch.Tensor:
 
 
 def close(actual, expected, dtype, what=""):
-    scale = expected.abs().max().clamp_min(1.0)
+    scale = expected.abs().max().clamp_min(1.0) if expected.numel() else 1.0
     assert_scaled_close(actual, expected, scale, RTOL[dtype], what)
 
 
@@ -349,9 +349,12 @@ def test_exactly_singular_operator(batch):
         op.solve(y)
     with pytest.raises(RuntimeError, match="A @ B \\+ D is singular"):
         op.inv_quad_logdet(y, logdet=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IllConditionedWarning)
+    # Never a silent -inf: a zero pivot may be rounding, so the caller is told.
+    pattern = rf"has an exact zero pivot in torch.float64{at}: the operator is singular to working precision"
+    with pytest.warns(IllConditionedWarning, match=pattern) as record:
         logdet = op.logdet()
+    assert record[0].filename == __file__
+    with pytest.warns(IllConditionedWarning, match=pattern):
         sign, logabs = op.slogdet()
     sign_ref, logabs_ref = torch.linalg.slogdet(dense_of(A, B, d))
     assert torch.equal(sign, sign_ref) and torch.equal(logabs, logabs_ref)
@@ -388,7 +391,7 @@ def test_condition_estimate_is_a_tight_lower_bound():
     gen = torch.Generator().manual_seed(3)
     C = torch.randn(4, 30, 30, dtype=torch.float64, generator=gen) + 0.1 * torch.eye(30, dtype=torch.float64)
     LU, piv = torch.linalg.lu_factor(C)
-    est = woodbury.inverse_norm1_estimate(
+    est = conditioning.inverse_norm1_estimate(
         lambda X: torch.linalg.lu_solve(LU, piv, X), lambda X: torch.linalg.lu_solve(LU, piv, X, adjoint=True), C
     )
     exact = torch.linalg.matrix_norm(torch.linalg.inv(C), ord=1)
@@ -627,8 +630,11 @@ def test_product_inv_quad_logdet_errors():
     fm = _square_fm(4, 5, "nonsymmetric")
     with pytest.raises(ValueError, match=r"`inv_quad_logdet` needs `inv_quad_rhs`, `logdet=True`, or both"):
         fm.inv_quad_logdet()
-    with pytest.raises(ValueError, match=r"needs a square product"):
-        FactoredMatrix(torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)).logdet()
+    rect = FactoredMatrix(torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"slogdet/logdet needs a square product"):
+        rect.logdet()
+    with pytest.raises(ValueError, match=r"inv_quad needs a square product \(ldim == rdim\); .* Use `fm.lstsq\(y\)`"):
+        rect.inv_quad_logdet(torch.ones(5, 1, dtype=torch.float64))
 
 
 def test_solve_and_lstsq_validate_the_right_hand_side():
@@ -654,3 +660,197 @@ def test_negated_factored_added_diag():
     torch.testing.assert_close(neg.to_dense(), -op.to_dense())
     y = torch.randn(5, dtype=torch.float64)
     torch.testing.assert_close(neg.solve(y), torch.linalg.solve(-op.to_dense(), y))
+
+
+# --- the product's determinant with NaN / Inf factors (mdim < ldim) --------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128])
+def test_product_logdet_with_nonfinite_factors_is_nan_like_torch(bad, dtype):
+    A, B = make_factors((3, 5, 2), (2, 5), dtype=dtype, seed=8)
+    A = A.clone()
+    A[1, 0, 0] = bad  # member 1 only; B is shared
+    fm = FactoredMatrix(A, B)
+    sign, logabs = fm.slogdet()
+    logdet = fm.logdet()
+    dense = A.to(ref_dtype(dtype)) @ B.to(ref_dtype(dtype))
+    assert bool(torch.isnan(torch.logdet(dense[1]))) and bool(torch.isnan(logdet[1]))
+    assert bool(torch.isnan(logabs[1])) and bool(torch.isnan(sign[1]))
+    for i in (0, 2):  # the finite members stay exactly singular
+        assert logabs[i] == -math.inf and sign[i] == 0 and logdet[i].real == -math.inf
+    B2 = B.clone()
+    B2[0, 3] = bad  # in the shared factor: every member
+    assert bool(torch.isnan(FactoredMatrix(A[0], B2).logdet()))
+    assert bool(torch.isnan(FactoredMatrix(A[0], B2).slogdet()[1]))
+
+
+# --- a near-singular 32-bit Woodbury operator: refined in 64 bits, never a silent (0, -inf) --------
+def _float32_near_singular(kind: str):
+    if kind == "zero_pivot":
+        # float32(-1/3) * 3 rounds to -1, so the float32 capacitance 1 + b a is exactly 0; the
+        # operator of these float32 values is diag(1 + b a, 1) with 1 + b a = -3 * 2^-25 * ... != 0.
+        A = torch.tensor([[3.0], [0.0]])
+        B = torch.tensor([[-1.0 / 3.0, 0.0]])
+    else:
+        # B = -(1 - 1e-9) pinv(A) in float32: M = I + A B has eigenvalues ~1e-8, cond about 1e9.
+        gen = torch.Generator().manual_seed(0)
+        A64 = torch.randn(40, 5, dtype=torch.float64, generator=gen)
+        A, B = A64.float(), (-(1 - 1e-9) * torch.linalg.pinv(A64)).float()
+    return A, B, torch.ones(A.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("kind", ["zero_pivot", "random_cond_1e9"])
+def test_float32_near_singular_woodbury_is_refined_and_warns(kind, dtype):
+    A, B, d = (t.to(dtype) for t in _float32_near_singular(kind))
+    r = ref_dtype(dtype)
+    M = A.to(r) @ B.to(r) + torch.diag(d.to(r))  # the operator of exactly these values
+    ref = torch.linalg.slogdet(M)
+    assert ref.sign != 0 and torch.linalg.cond(M) > 1e7
+    op = FactoredMatrix(A, B) + DiagLinearOperator(d)
+    reason = r"has an exact zero pivot" if kind == "zero_pivot" else r"is ill-conditioned \(estimated condition number"
+    pattern = (
+        rf"{reason} .*in {dtype}, so it was factorised again in {r} \(estimated condition number "
+        rf".* there\) and the result rounded to {dtype}"
+    )
+    with choices.recorded() as log, pytest.warns(IllConditionedWarning, match=pattern) as record:
+        sign, logabs = op.slogdet()
+    assert record[0].filename == __file__
+    assert [(c.operation, c.method) for c in log] == [("woodbury", str(r).removeprefix("torch."))]
+    assert sign.dtype == dtype and logabs.dtype == torch.float32
+    eps32 = torch.finfo(torch.float32).eps
+    assert abs(sign.item() - ref.sign.item()) <= 100 * eps32
+    assert abs(logabs.item() - ref.logabsdet.item()) <= 100 * eps32 * max(1.0, abs(ref.logabsdet.item()))
+    y = torch.randn(A.shape[0], 2, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with pytest.warns(IllConditionedWarning):
+        x = op.solve(y)
+    x_ref = torch.linalg.solve(M, y.to(r))
+    assert x.dtype == dtype
+    assert_scaled_close(x, x_ref, x_ref.abs().max(), 100 * eps32, "refined solve")
+
+
+def test_well_conditioned_float32_is_not_refined_and_the_limit_is_a_setting():
+    A, B, d = make_operands(CASES["n12_m3"], symmetric=False, dtype=torch.float32)
+    with choices.recorded() as log, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(A, B, d).logdet()
+    assert log == []
+    A, B, d = _float32_near_singular("random_cond_1e9")
+    with settings.ill_conditioned_rcond(1e-6), choices.recorded() as log, warnings.catch_warnings():
+        warnings.simplefilter("error")  # limit 1/(1e-6 eps): neither refined nor reported
+        (FactoredMatrix(A, B) + DiagLinearOperator(d)).logdet()
+    assert log == []
+    with pytest.raises(ValueError, match=r"`ill_conditioned_rcond` must be a positive finite number; got 0"):
+        settings.ill_conditioned_rcond(0)
+    with pytest.raises(ValueError, match=r"`condest_iterations` must be a positive integer; got 0"):
+        settings.condest_iterations(0)
+
+
+def test_condest_iterations_setting_is_used():
+    gen = torch.Generator().manual_seed(4)
+    C = torch.randn(20, 20, dtype=torch.float64, generator=gen)
+    LU, piv = torch.linalg.lu_factor(C)
+    calls = []
+
+    def solve(X):
+        calls.append(1)
+        return torch.linalg.lu_solve(LU, piv, X)
+
+    with settings.condest_iterations(2):
+        conditioning.inverse_norm1_estimate(solve, lambda X: torch.linalg.lu_solve(LU, piv, X, adjoint=True), C)
+    assert len(calls) == 3  # two iterations and Higham's extra vector
+
+
+# --- empty operators: mdim = 0 (the diagonal alone) and n = 0 --------------------------------------
+@pytest.mark.parametrize("shapes", [((5, 0), (0, 5), (5,)), ((2, 4, 0), (0, 4), (4,)), ((0, 3), (3, 0), (0,)),
+                                    ((0, 0), (0, 0), (0,)), ((2, 0, 0), (0, 0), (0,))],
+                         ids=["mdim_0", "mdim_0_batched", "n_0", "empty", "empty_batched"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["nonsym", "sym"])
+def test_empty_woodbury_operators(shapes, symmetric):
+    a_shape, b_shape, d_shape = shapes
+    A = torch.randn(a_shape, dtype=torch.float64)
+    B = None if symmetric else torch.randn(b_shape, dtype=torch.float64)
+    d = 2 + torch.rand(d_shape, dtype=torch.float64)
+    op, M = build(A, B, d), dense_of(A, B, d)
+    assert op._factorization().hermitian or not symmetric  # empty B equals A^H: either path is right
+    y = torch.randn(*M.shape[:-1], 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = op.solve(y)
+        assert x.shape == y.shape
+        close(x, torch.linalg.solve(M, y), torch.float64, "solve")
+        close(op.logdet(), torch.logdet(M), torch.float64, "logdet")
+        sign, logabs = op.slogdet()
+        ref = torch.linalg.slogdet(M)
+        close(sign, ref.sign, torch.float64, "sign")
+        close(logabs, ref.logabsdet, torch.float64, "logabsdet")
+        quad_ref = (y * torch.linalg.solve(M, y)).sum(-2)
+        close(op.inv_quad(y), quad_ref.sum(-1), torch.float64, "inv_quad")
+        quad, logdet = op.inv_quad_logdet(y, logdet=True, reduce_inv_quad=False)
+        close(quad, quad_ref, torch.float64, "inv_quad_logdet: inv_quad")
+        close(logdet, torch.logdet(M), torch.float64, "inv_quad_logdet: logdet")
+
+
+def test_empty_product_solves():
+    fm = FactoredMatrix(torch.randn(0, 3, dtype=torch.float64), torch.randn(3, 0, dtype=torch.float64))
+    assert fm.solve(torch.ones(0, 2, dtype=torch.float64)).shape == (0, 2)
+    assert fm.logdet() == 0 and fm.slogdet()[0] == 1
+    assert fm.inv_quad(torch.ones(0, 2, dtype=torch.float64)) == 0
+
+
+# --- the Woodbury cache: edits through .data and NumPy, no_grad then grad --------------------------
+@pytest.mark.parametrize("edit", ["A.data", "A numpy", "d.data", "d numpy"])
+def test_woodbury_cache_sees_edits_the_version_counter_misses(edit):
+    A, B, d = make_operands(CASES["n12_m3"], symmetric=False)
+    op = build(A, B, d)
+    y = rhs_for(op)
+    before = op.solve(y)
+    first = op._factorization()
+    assert op._factorization() is first  # cached
+    version = (A._version, d._version)
+    if edit == "A.data":
+        A.data[0, 0] += 1.0
+    elif edit == "A numpy":
+        A.numpy()[0, 0] += 1.0
+    elif edit == "d.data":
+        d.data[0] += 1.0
+    else:
+        d.numpy()[0] += 1.0
+    assert (A._version, d._version) == version  # the edit is invisible to the version counter
+    assert op._factorization() is not first
+    after = op.solve(y)
+    close(after, torch.linalg.solve(dense_of(A, B, d), y), torch.float64, f"after {edit}")
+    assert not torch.allclose(before, after)
+    close(op.logdet(), torch.logdet(dense_of(A, B, d)), torch.float64, "logdet")
+
+
+def test_woodbury_result_from_no_grad_is_not_reused_for_gradients():
+    A, B, d = make_operands(CASES["n12_m3"], symmetric=False, requires_grad=True)
+    op = build(A, B, d)
+    y = rhs_for(op)
+    with torch.no_grad():
+        cached = op._factorization()
+        op.logdet()
+        op.solve(y)
+    assert not cached.left.requires_grad
+    quad, logdet = op.inv_quad_logdet(y, logdet=True)
+    assert op._factorization() is not cached and logdet.requires_grad
+    got = torch.autograd.grad(logdet + quad + op.solve(y).sum(), (A, B, d))
+    M = dense_of(A, B, d)
+    x = torch.linalg.solve(M, y)
+    want = torch.autograd.grad(torch.logdet(M) + (y * x).sum() + x.sum(), (A, B, d))
+    for g, w, name in zip(got, want, "ABd"):
+        close(g, w, torch.float64, f"grad {name}")
+
+
+def test_refined_float32_gradients_match_float64():
+    A, B, d = _float32_near_singular("random_cond_1e9")
+    A, B, d = (t.clone().requires_grad_(True) for t in (A, B, d))
+    with pytest.warns(IllConditionedWarning):
+        logdet = (FactoredMatrix(A, B) + DiagLinearOperator(d)).slogdet()[1]
+    got = torch.autograd.grad(logdet, (A, B, d))
+    A64, B64, d64 = (t.detach().double().requires_grad_(True) for t in (A, B, d))
+    want = torch.autograd.grad(torch.linalg.slogdet(A64 @ B64 + torch.diag(d64))[1], (A64, B64, d64))
+    for g, w, name in zip(got, want, "ABd"):
+        assert g.dtype == torch.float32
+        # d log|det M| = M^{-T}: as large as cond(M); compared relative to its size, in float32.
+        assert_scaled_close(g, w, w.abs().max(), 1e-4, f"grad {name}")
