@@ -305,9 +305,7 @@ class FactoredPredictionStrategy(DefaultPredictionStrategy):
         offset = self.train_labels - self.train_prior_dist.mean
         if gpsettings.detach_test_caches.on():
             M, offset = M.detach(), offset.detach()
-        factor = M._factorization()
-        woodbury.require_nonsingular(factor)
-        woodbury.warn_ill_conditioned(M._warning(factor), stacklevel=4)
+        factor = M._checked_factorization(stacklevel=3, need_nonsingular=True)
         alpha = woodbury.solve(factor, offset.unsqueeze(-1)).squeeze(-1)
         if alpha.grad_fn is not None:  # the caches belong to one graph: drop them after backward
             wrapper = functools.partial(clear_cache_hook, self)
