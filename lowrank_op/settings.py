@@ -176,9 +176,10 @@ class topk_cost_model(_Setting):
     def _validate(cls, value: TopkCostModel) -> TopkCostModel:
         for f in fields(value):
             x = getattr(value, f.name)
-            low_ok = x > 0 if f.name == "application_overhead_seconds" else x >= 0
-            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (low_ok and math.isfinite(x)):
-                rule = "a positive" if f.name == "application_overhead_seconds" else "a non-negative"
+            positive = f.name == "application_overhead_seconds"
+            number = not isinstance(x, bool) and isinstance(x, numbers.Real)
+            if not (number and math.isfinite(x) and (x > 0 if positive else x >= 0)):
+                rule = "a positive" if positive else "a non-negative"
                 raise ValueError(f"`{f.name}` of `topk_cost_model` must be {rule} finite number; got {x!r}.")
         return value
 
