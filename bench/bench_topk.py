@@ -19,6 +19,9 @@ Groups (every case returns the top 10 only):
 - ``topk_svd[<spectrum>_l20000_m4000]``: the same with vectors, ``exact`` and ``auto`` only.
 - ``topk_eigvals[<spectrum>_l20000_m<mdim>]``, ``mdim`` in 256, 1024, 2048: ``topk.eigs`` with
   ``exact`` (baseline: ``kernels.eigvals``, truncated), ``arpack`` and ``auto``.
+- ``topk_batched[b2000_l40_m8_k6]``: 2000 small products, all on the exact path: ``loop`` (one
+  ``topk.svds`` per matrix, the baseline) against one ``svds`` (with and without vectors) and
+  one ``eigs`` on the whole batch.
 
 Cases at ``mdim >= 1024`` run once, unwarmed (an exact case at ``mdim = 4000`` takes 30-60 s);
 smaller ones are sized by :func:`bench.common.measure`. A Krylov run that raises
@@ -294,6 +297,34 @@ def test_svd_vectors(benchmark, spectrum, method):
 @pytest.mark.parametrize("spectrum, mdim, method", _eigvals_params())
 def test_eigvals(benchmark, spectrum, mdim, method):
     run_case(benchmark, "eigs", spectrum, mdim, method)
+
+
+# --- A batch of many small products: the exact path runs on the whole batch -------------------------
+#: 2000 products of 40 x 8 by 8 x 40 (many small heads): every matrix takes the exact path.
+BATCH_SHAPE = (2000, 40, 8)
+
+
+@functools.cache
+def batch_factors() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    n, ldim, mdim = BATCH_SHAPE
+    return torch.randn(n, ldim, mdim, generator=gen), torch.randn(n, mdim, ldim, generator=gen)
+
+
+@pytest.mark.parametrize("case", ["loop", "svds", "svds_values", "eigs"])
+def test_batched_exact(benchmark, case):
+    """``loop``: one ``topk.svds`` call per matrix (what svds did for a batch before it batched the
+    exact path), the baseline; the others: one call on the whole batch."""
+    A, B = batch_factors()
+    calls = {
+        "loop": lambda: [topk.svds(A[i], B[i], 6) for i in range(A.shape[0])],
+        "svds": lambda: topk.svds(A, B, 6),
+        "svds_values": lambda: topk.svds(A, B, 6, return_singular_vectors=False),
+        "eigs": lambda: topk.eigs(A, B, 6),
+    }
+    n, ldim, mdim = BATCH_SHAPE
+    measure(benchmark, calls[case], group=f"topk_batched[b{n}_l{ldim}_m{mdim}_k6]", case=case,
+            baseline="loop" if case == "loop" else None, slow=case == "loop")
 
 
 # --- The sweep as a table, from --benchmark-json --------------------------------------------------

@@ -25,6 +25,7 @@ from lowrank_op._cache import ResultCache
 from lowrank_op._checks import as_scalar, check_broadcast, check_factors, warn_off_host
 from lowrank_op._indexing import normalize_index
 from lowrank_op.errors import UndefinedGradientWarning
+from lowrank_op.scipy_bridge import ScipyProtocol
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -52,7 +53,7 @@ def _warn_if_repeated(S: Tensor) -> None:
         )
 
 
-class FactoredMatrix(LinearOperator):
+class FactoredMatrix(LinearOperator, ScipyProtocol):
     r"""The matrix ``M = A @ B``, held as its factors and never formed unless asked for.
 
     Parameters
@@ -337,42 +338,114 @@ class FactoredMatrix(LinearOperator):
         self._require_square("eigenvalues")
         return self._cached("eigvals", lambda: kernels.eigvals(self._A, self._B))
 
-    def svds(self, k: int = 6, method: str = "auto", **options) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+    def svds(
+        self,
+        k: int = 6,
+        method: str = "auto",
+        *,
+        return_singular_vectors: bool = True,
+        tol: float = 0.0,
+        maxiter: int | None = None,
+        random_state: int = 0,
+        progress: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor] | Tensor:
         """The ``k`` largest singular triplets, ``(U, S, Vh)`` laid out as :meth:`svd` returns them.
 
-        ``method`` is ``"auto"``, ``"exact"``, ``"arpack"`` or ``"propack"``; ``options`` are
-        ``return_singular_vectors``, ``tol``, ``maxiter``, ``random_state`` and ``progress``. See
-        :func:`lowrank_op.topk.svds` for the ``"auto"`` rule and the costs.
+        Parameters
+        ----------
+        k : int
+            ``0 < k <= min(ldim, mdim, rdim)``; ARPACK also needs ``k < min(ldim, rdim)``
+            (``k < min(ldim, rdim) - 1`` for complex factors).
+        method : {"auto", "exact", "arpack", "propack"}
+            ``"auto"`` takes the exact path unless the cost model of :func:`lowrank_op.topk.plan`
+            expects ARPACK to pay, and falls back to it when ARPACK runs over its budget or fails;
+            :func:`lowrank_op.choices.recorded` shows what it chose.
+        return_singular_vectors : bool
+        tol : float
+            Krylov tolerance (SciPy's meaning; 0 is machine precision).
+        maxiter : int, optional
+            Krylov iteration limit.
+        random_state : int
+            Seed of the Krylov start vector (the same for every matrix of a batch).
+        progress : bool
+            A tqdm progress bar over the matrices a Krylov method loops over.
+
+        Returns
+        -------
+        U : Tensor, shape (..., ldim, k)
+        S : Tensor, shape (..., k)
+            Real, descending; the only output when ``return_singular_vectors`` is False.
+        Vh : Tensor, shape (..., rdim, k)
+            Right singular vectors as columns (TransformerLens's layout).
+
+        Notes
+        -----
+        Exact path: ``O((ldim + rdim) mdim^2 + mdim^3)``, one batched call. ARPACK:
+        ``O((ldim + rdim) mdim)`` per application, one matrix at a time. See
+        :func:`lowrank_op.topk.svds`.
 
         Examples
         --------
-        >>> fm = FactoredMatrix(torch.randn(3000, 500), torch.randn(500, 3000))
-        >>> U, S, Vh = fm.svds(10, method="arpack")
-        >>> torch.allclose(S, fm.S[:10], rtol=1e-4)
+        >>> fm = FactoredMatrix(torch.randn(600, 100), torch.randn(100, 500))
+        >>> U, S, Vh = fm.svds(5, method="arpack")
+        >>> torch.allclose(S, fm.S[:5], rtol=1e-4)
         True
         """
         from lowrank_op import topk
 
-        return topk.svds(self._A, self._B, k, method, **options)
+        return topk.svds(
+            self._A, self._B, k, method, return_singular_vectors=return_singular_vectors, tol=tol,
+            maxiter=maxiter, random_state=random_state, progress=progress,
+        )
 
-    def eigs(self, k: int = 6, method: str = "auto", **options) -> Tensor:
-        """The ``k`` eigenvalues of largest modulus of the square product, complex, shape ``(..., k)``.
+    def eigs(
+        self,
+        k: int = 6,
+        method: str = "auto",
+        *,
+        tol: float = 0.0,
+        maxiter: int | None = None,
+        random_state: int = 0,
+        progress: bool = False,
+    ) -> Tensor:
+        """The ``k`` eigenvalues of largest modulus of the square product.
 
-        ``method`` is ``"auto"``, ``"exact"`` or ``"arpack"`` (Arnoldi on the smaller of ``AB``
-        and ``BA``); ``options`` are ``tol``, ``maxiter``, ``random_state`` and ``progress``. See
-        :func:`lowrank_op.topk.eigs`. ``eigenvalues`` keeps returning all of them.
+        Parameters
+        ----------
+        k : int
+            ``0 < k <= min(ldim, mdim)``; ARPACK also needs ``k < min(ldim, mdim) - 1``.
+        method : {"auto", "exact", "arpack"}
+            ``"arpack"``: Arnoldi on the smaller of ``AB`` and ``BA``, its eigenpairs checked by
+            their residuals. ``"auto"`` as for :meth:`svds`, with the eigenvalue cost model.
+        tol, maxiter, random_state, progress
+            As for :meth:`svds`.
+
+        Returns
+        -------
+        values : Tensor, shape (..., k)
+            Complex, by descending modulus. ``eigenvalues`` keeps returning all of them.
+
+        Notes
+        -----
+        Exact path: ``O(ldim mdim^2 + mdim^3)``, one batched call; Arnoldi: ``O(ldim mdim)`` per
+        application. See :func:`lowrank_op.topk.eigs`.
         """
         from lowrank_op import topk
 
-        return topk.eigs(self._A, self._B, k, method, **options)
+        return topk.eigs(
+            self._A, self._B, k, method, tol=tol, maxiter=maxiter, random_state=random_state, progress=progress
+        )
 
     def to_scipy(self):
-        """This 2-D product as a ``scipy.sparse.linalg.LinearOperator``, applied through the factors.
+        """This 2-D product as a ``scipy.sparse.linalg.LinearOperator`` with a NumPy dtype.
 
-        For SciPy's iterative solvers (``lsqr``, ``lsmr``, ``gmres``, ``svds``, ...). Its
-        ``matvec`` costs ``O((ldim + rdim) mdim)``; its dtype is the factors' (float32 for 16-bit
-        factors); it records no gradients. Factors on a GPU stay there and every application
-        copies a vector to the device and back (a ``PerformanceWarning`` says so once).
+        A 2-D FactoredMatrix is itself a SciPy LinearOperator (``lsqr(fm, b)``, ``lsmr(fm, b)``
+        and ``fm.matvec(x)`` work), but its ``dtype`` is a ``torch.dtype``, so SciPy's solvers
+        that read ``A.dtype`` (``gmres``, ``cg``, ``minres``, ``svds``, ``eigs``, ...) need this
+        view (:class:`lowrank_op.scipy_bridge.ScipyProtocol` says why). Its ``matvec`` costs
+        ``O((ldim + rdim) mdim)``; its dtype is the factors' (float32 for 16-bit factors); it
+        records no gradients. Factors on a GPU stay there and every application copies a vector
+        to the device and back (a ``PerformanceWarning`` says so once).
         See :class:`lowrank_op.scipy_bridge.FactoredScipyOperator`.
         """
         if self._A.dim() != 2 or self._B.dim() != 2:

@@ -161,3 +161,72 @@ def test_scipy_svds_on_the_view_matches_fm_svds():
     fm = FactoredMatrix(*make_factors((60, 12), (12, 40)))
     s = sla.svds(fm.to_scipy(), k=4, return_singular_vectors=False, rng=np.random.default_rng(0))
     np.testing.assert_allclose(np.sort(s)[::-1], fm.S[:4].numpy(), rtol=1e-10)
+
+
+# --- a 2-D FactoredMatrix is itself a SciPy LinearOperator ----------------------------------------------
+def test_fm_is_a_scipy_linear_operator_that_keeps_torch_dtype():
+    A, B = make_factors((30, 6), (6, 25), torch.bfloat16)
+    fm = FactoredMatrix(A, B)
+    assert isinstance(fm, sla.LinearOperator) and sla.aslinearoperator(fm) is fm
+    assert fm.dtype == torch.bfloat16 and fm.shape == torch.Size((30, 25))
+    assert np.result_type(fm, np.float32) == np.float32  # __numpy_dtype__: the compute dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32], ids=str)
+def test_protocol_products_match_the_view(dtype):
+    A, B = make_factors((30, 6), (6, 25), dtype)
+    fm = FactoredMatrix(A, B)
+    view = fm.to_scipy()
+    npdtype = NUMPY[dtype]
+    x, y = _rng_array(25, npdtype), _rng_array(30, npdtype, 1)
+    X, Y = _rng_array((25, 3), npdtype, 2), _rng_array((30, 3), npdtype, 3)
+    for got, want in [
+        (fm.matvec(x), view.matvec(x)),
+        (fm.rmatvec(y), view.rmatvec(y)),
+        (fm.matmat(X), view.matmat(X)),
+        (fm.rmatmat(Y), view.rmatmat(Y)),
+        (fm.dot(X), view.dot(X)),
+        (fm(x), view.matvec(x)),
+        (fm.H.matvec(y), view.rmatvec(y)),
+        (fm.adjoint().matmat(Y), view.rmatmat(Y)),
+        (fm.T.matvec(y), view.T.matvec(y)),
+    ]:
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert isinstance(fm.H, FactoredMatrix) and fm.H.shape == (25, 30)
+    torch.testing.assert_close(fm.H.to_dense(), dense(A, B).mH.to(dtype), rtol=1e-5, atol=1e-5)
+    t = torch.from_numpy(x)
+    torch.testing.assert_close(fm(t), fm.matmul(t))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("solver", ["lsqr", "lsmr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32], ids=str)
+def test_least_squares_solvers_take_fm_itself(solver, dtype):
+    A, B = make_factors((60, 12), (12, 40), dtype, 5)
+    fm = FactoredMatrix(A, B)
+    rhs = _rng_array(60, NUMPY[dtype])
+    fn = getattr(sla, solver)
+    on_fm, on_view = fn(fm, rhs), fn(fm.to_scipy(), rhs)
+    np.testing.assert_array_equal(on_fm[0], on_view[0])
+    assert on_fm[1:3] == on_view[1:3]  # stopping reason and iterations
+
+
+def test_entry_points_that_read_a_numpy_dtype_need_the_view():
+    """README: gmres, cg, svds, eigs read ``A.dtype`` as a NumPy dtype, so they need
+    ``fm.to_scipy()``; if SciPy stops reading it, this test says README can be updated."""
+    fm = FactoredMatrix(*make_factors((20, 30), (30, 20)))
+    rhs = _rng_array(20, np.float64)
+    for call in (lambda op: sla.gmres(op, rhs), lambda op: sla.cg(op, rhs), lambda op: sla.svds(op, 2),
+                 lambda op: sla.eigs(op, 2)):
+        with pytest.raises((TypeError, AttributeError), match="torch.float64|char"):
+            call(fm)
+        call(fm.to_scipy())
+
+
+def test_protocol_refuses_batches_and_powers():
+    fm = FactoredMatrix(*make_factors((2, 30, 6), (6, 25)))
+    with pytest.raises(ValueError, match=r"SciPy's operator protocol .* needs a 2-D FactoredMatrix; this one has shape \(2, 30, 25\)"):
+        fm.matvec(np.ones(25))
+    with pytest.raises(TypeError, match=r"unsupported operand type\(s\) for \*\*"):
+        fm[0] ** 2

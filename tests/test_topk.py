@@ -6,9 +6,11 @@ Each method is a subclass-free parametrisation: the same checks run for "exact",
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_op import FactoredMatrix, PerformanceWarning, UndefinedGradientWarning, kernels, scipy_bridge, topk
+from lowrank_op import FactoredMatrix, PerformanceWarning, UndefinedGradientWarning, choices, kernels, scipy_bridge, topk
+from lowrank_op import settings as lr_settings
+from lowrank_op.errors import KrylovFailure
 from lowrank_op._checks import warn_off_host
 from tests.helpers import (
     assert_orthonormal,
@@ -46,13 +50,21 @@ SVDS_DTYPES = (torch.float64, torch.float32, torch.complex128, torch.complex64, 
 KRYLOV_TOL = {torch.float64: 1e-9, torch.complex128: 1e-9, torch.float32: 5e-5, torch.complex64: 5e-5, torch.bfloat16: 5e-5}
 
 
+def arpack_for_free():
+    """A cost model under which "auto" plans ARPACK wherever ARPACK can deliver ``k``."""
+    return lr_settings.topk_cost_model(
+        application_seconds_per_unit=0.0, application_overhead_seconds=1e-30, auto_min_krylov_runs=0.0
+    )
+
+
 @pytest.fixture(params=["exact", "arpack", "propack", "auto", "auto_forced_arpack"])
-def svds_method(request, monkeypatch):
+def svds_method(request):
     """The method under test; "auto_forced_arpack" is "auto" with the cost model choosing ARPACK."""
     if request.param == "auto_forced_arpack":
-        monkeypatch.setattr(topk, "plan", lambda *args: ("arpack", 10**9))
-        return "auto"
-    return request.param
+        with arpack_for_free():
+            yield "auto"
+    else:
+        yield request.param
 
 
 def _svds_cases():
@@ -112,12 +124,31 @@ def test_svds_single_row_column_or_inner_dim(shape, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_propack_beyond_rank_is_refused(dtype):
-    """Seen with these seeds: PROPACK returns V 0.17 from orthonormal, without an error."""
+def test_propack_beyond_rank_is_refused_or_right(dtype):
+    """Beyond the rank, PROPACK has returned vectors far from orthonormal (0.035 to 0.32, by CPU)
+    without an error: the result must then be refused, and otherwise be right."""
     A, B = make_factors((40, 12), (12, 30), dtype, rank=4)
-    with pytest.raises(RuntimeError, match=r"PROPACK returned singular vectors 0.1\d from orthonormal.*exceeds the rank"):
-        topk.svds(A, B, 7, "propack", return_singular_vectors=False)
+    try:
+        U, S, V = topk.svds(A, B, 7, "propack")
+    except KrylovFailure as error:
+        assert re.search(r"PROPACK returned singular vectors \S+ from orthonormal.*exceeds the rank", str(error))
+    else:
+        check_top_svd(U, S, V, A, B, 7, max(KRYLOV_TOL[dtype], 1e-7))
     check_top_svd(*topk.svds(A, B, 7, "arpack"), A, B, 7, KRYLOV_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=str)
+def test_propack_vector_check_refuses_non_orthonormal_vectors(dtype):
+    eps = float(np.finfo(dtype).eps)
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((30, 5)))
+    u, vh = q.astype(dtype), q[:20].T.copy()
+    vh, _ = np.linalg.qr(vh.T)
+    vh = vh.T.astype(dtype)
+    scipy_bridge._check_orthonormal(u, vh, eps)  # orthonormal: accepted
+    bad = u.copy()
+    bad[:, 1] = (bad[:, 0] + bad[:, 1]) / np.sqrt(2)  # columns 0 and 1 at 45 degrees: 0.71 off
+    with pytest.raises(KrylovFailure, match=r"PROPACK returned singular vectors 0.71 from orthonormal.*exceeds the rank"):
+        scipy_bridge._check_orthonormal(bad, vh, eps)
 
 
 def test_svds_arpack_needs_k_below_min_dim():
@@ -175,11 +206,12 @@ def check_top_eigenvalues(values, A, B, k, rtol):
 
 
 @pytest.fixture(params=["exact", "arpack", "auto", "auto_forced_arpack"])
-def eigs_method(request, monkeypatch):
+def eigs_method(request):
     if request.param == "auto_forced_arpack":
-        monkeypatch.setattr(topk, "plan", lambda *args: ("arpack", 10**9))
-        return "auto"
-    return request.param
+        with arpack_for_free():
+            yield "auto"
+    else:
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", EIGS_DTYPES, ids=str)
@@ -193,16 +225,16 @@ def test_eigs_matches_dense(a_shape, b_shape, rank, k, dtype, eigs_method):
     check_top_eigenvalues(values, A, B, k, EIGS_TOL[dtype])
 
 
-def test_eigs_auto_near_the_limit_takes_exact(monkeypatch):
+def test_eigs_auto_near_the_limit_takes_exact():
     """k = min(ldim, mdim) - 1 is beyond Arnoldi; "auto" must then compute it exactly."""
-    monkeypatch.setattr(topk, "APPLICATION_SECONDS_PER_UNIT", 0.0)  # ARPACK as cheap as can be
-    monkeypatch.setattr(topk, "APPLICATION_OVERHEAD_SECONDS", 1e-12)
-    assert topk.plan("eigs", 24, 40, 24, 21)[0] == "arpack"
-    called = []
-    monkeypatch.setattr(scipy_bridge, "eigs", lambda *a, **kw: called.append(1))
-    A, B = make_factors((24, 40), (40, 24))
-    check_top_eigenvalues(topk.eigs(A, B, 23, "auto"), A, B, 23, 1e-9)
-    assert not called
+    with arpack_for_free():
+        assert topk.plan("eigs", 24, 40, 24, 21)[0] == "arpack"
+        A, B = make_factors((24, 40), (40, 24))
+        with choices.recorded() as log:
+            values = topk.eigs(A, B, 23, "auto")
+    check_top_eigenvalues(values, A, B, 23, 1e-9)
+    assert [(c.operation, c.method) for c in log] == [("eigs", "exact")]
+    assert "beyond ARPACK's limit 22" in log[0].reason
 
 
 def test_eigs_symmetric_product_is_real():
@@ -257,39 +289,99 @@ def test_plan_eigs_prices_the_smaller_problem():
     assert budget is None or budget < 100, "priced as a 20000 x 20000 eigenproblem"
 
 
-def test_plan_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="`kind` must be one of 'svd', 'svdvals', 'eigs'"):
-        topk.plan("svds", 10, 10, 10, 1)
+@pytest.mark.parametrize("kind", ["svds", "SVD", None])
+def test_plan_rejects_unknown_kind_and_lists_the_kinds(kind):
+    with pytest.raises(ValueError, match=r"`kind` must be one of 'svd' \(singular triplets\), 'svdvals' .*'eigs'.*got .*use 'svdvals'"):
+        topk.plan(kind, 10, 10, 10, 1)
 
 
-def _spy(monkeypatch, module, name):
-    calls = []
-    original = getattr(module, name)
+def test_auto_records_its_plan_with_the_figures():
+    A, B = make_factors((2, 40, 12), (12, 30))
+    with choices.recorded() as log:
+        topk.svds(A, B, 3, "auto")
+    assert len(log) == 1 and log[0].operation == "svds" and log[0].method == "exact"
+    assert "the exact path, est." in log[0].reason and "applications" in log[0].reason
+    with arpack_for_free(), choices.recorded() as log:
+        topk.svds(A, B, 3, "auto")
+    assert [c.method for c in log] == ["arpack"] and "ARPACK gets" in log[0].reason
+    with choices.recorded() as log:
+        topk.svds(A, B, 3, "exact")
+        topk.eigs(A[..., :30, :], B, 3, "exact")
+    assert log == [], "explicit methods choose nothing"
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, spy)
-    return calls
+def test_cost_model_is_read_at_run_time():
+    default = topk.plan("svdvals", 20000, 4000, 20000, 10)
+    assert default[0] == "arpack"
+    with lr_settings.topk_cost_model(auto_min_krylov_runs=1e9):
+        assert topk.plan("svdvals", 20000, 4000, 20000, 10) == ("exact", None)
+        with lr_settings.topk_cost_model(application_overhead_seconds=1.0):  # the inner block keeps 1e9 runs
+            assert lr_settings.topk_cost_model.value().auto_min_krylov_runs == 1e9
+    assert topk.plan("svdvals", 20000, 4000, 20000, 10) == default
+    doubled = lr_settings.TopkCostModel(exact_svdvals_seconds_per_unit=2 * lr_settings.TopkCostModel().exact_svdvals_seconds_per_unit)
+    with lr_settings.topk_cost_model(doubled):
+        assert topk.plan("svdvals", 20000, 4000, 20000, 10)[1] in range(2 * default[1] - 2, 2 * default[1] + 3)
 
 
-def test_auto_falls_back_to_exact_when_arpack_runs_over_budget(monkeypatch):
-    monkeypatch.setattr(topk, "plan", lambda *args: ("arpack", 5))
-    krylov = _spy(monkeypatch, scipy_bridge, "svds")
-    exact = _spy(monkeypatch, kernels, "svd")
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"application_overhead_seconds": 0.0}, ValueError, "`application_overhead_seconds` of `topk_cost_model` must be a positive finite"),
+        ({"auto_min_krylov_runs": -1.0}, ValueError, "`auto_min_krylov_runs` of `topk_cost_model` must be a non-negative finite"),
+        ({"exact_svd_seconds_per_unit": float("nan")}, ValueError, "`exact_svd_seconds_per_unit` .* non-negative finite"),
+        ({"eig_cubic_weight": "1"}, ValueError, "`eig_cubic_weight` .* non-negative finite number; got '1'"),
+        ({"application_seconds": 1.0}, TypeError, "unknown cost-model constant.*application_seconds; the constants are"),
+    ],
+)
+def test_cost_model_setting_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lr_settings.topk_cost_model(**kwargs)
+
+
+def test_cost_model_setting_takes_a_model_or_nothing():
+    with pytest.raises(TypeError, match="`model` must be a TopkCostModel; got dict"):
+        lr_settings.topk_cost_model({"auto_min_krylov_runs": 1.0})
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _switch_point(kind, ldim, k):
+    """The smallest mdim at which plan() runs ARPACK (plan is monotone in mdim from there on)."""
+    arpack = [m for m in range(1, 4001) if topk.plan(kind, ldim, m, ldim, k)[0] == "arpack"]
+    assert arpack and arpack == list(range(arpack[0], 4001)), "switches back and forth"
+    return arpack[0]
+
+
+def test_readme_switch_points_are_what_plan_returns():
+    text = README.read_text()
+    section = text[text.index("**The `\"auto\"` rule.**"):]
+    sentence = (
+        r"At `ldim = rdim = (\d+)` and `k = (\d+)` that means ARPACK from `mdim = (\d+)` for singular values "
+        r"\((\d+) with vectors, (\d+) for eigenvalues[;)]"
+    )
+    match = re.search(sentence.replace(" ", r"\s+"), section)
+    assert match, "README's sentence on the switch points has changed; update this test"
+    ldim, k, svdvals, svd, eig = map(int, match.groups())
+    assert (_switch_point("svdvals", ldim, k), _switch_point("svd", ldim, k), _switch_point("eigs", ldim, k)) == (svdvals, svd, eig)
+
+
+def test_auto_falls_back_to_exact_when_arpack_runs_over_budget():
     A, B = make_factors((40, 12), (12, 30))
-    U, S, V = topk.svds(A, B, 3, "auto")
-    assert len(krylov) == 1 and krylov[0]["max_applications"] == 5 + 3 and len(exact) == 1
+    no_budget = lr_settings.topk_cost_model(application_overhead_seconds=1e9, auto_min_krylov_runs=0.0)
+    with no_budget, choices.recorded() as log:
+        U, S, V = topk.svds(A, B, 3, "auto")
+    assert [c.method for c in log] == ["arpack", "exact"]
+    assert "ARPACK gets 0 applications" in log[0].reason and "ARPACK over its budget" in log[1].reason
     check_top_svd(U, S, V, A, B, 3, 1e-10)
 
 
-def test_auto_falls_back_to_exact_when_arpack_does_not_converge(monkeypatch):
-    monkeypatch.setattr(topk, "plan", lambda *args: ("arpack", 10**9))
-    exact = _spy(monkeypatch, kernels, "eigvals")
-    A, B = make_factors((60, 30), (30, 60))
-    values = topk.eigs(A, B, 5, "auto", maxiter=1)
-    assert len(exact) == 1
+def test_auto_falls_back_to_exact_when_arpack_does_not_converge():
+    A, B = make_factors((2, 60, 30), (30, 60))
+    with arpack_for_free(), choices.recorded() as log:
+        values = topk.eigs(A, B, 5, "auto", maxiter=1)
+    assert [c.method for c in log] == ["arpack", "exact", "exact"]
+    assert "matrix (1,) of the batch: ARPACK failed (ARPACK did not converge" in log[2].reason
     check_top_eigenvalues(values, A, B, 5, 1e-9)
 
 
@@ -303,13 +395,12 @@ def test_budget_stops_the_operator():
     assert op.applications == op.H.applications == 4
 
 
-def test_auto_takes_exact_path_while_recording_gradients(monkeypatch):
-    monkeypatch.setattr(topk, "plan", lambda *args: ("arpack", 10**9))
-    krylov = _spy(monkeypatch, scipy_bridge, "svds")
+def test_auto_takes_exact_path_while_recording_gradients():
     A, B = make_factors((40, 12), (12, 30))
     A.requires_grad_(True)
-    U, S, V = topk.svds(A, B, 3, "auto")
-    assert not krylov
+    with arpack_for_free(), choices.recorded() as log:
+        U, S, V = topk.svds(A, B, 3, "auto")
+    assert [c.method for c in log] == ["exact"] and "gradients are being recorded" in log[0].reason
     S.sum().backward()
     assert A.grad is not None and torch.isfinite(A.grad).all()
 
@@ -438,22 +529,85 @@ def test_eigs_needs_square_product():
 
 
 @pytest.mark.parametrize(
-    "option, value, match",
+    "option, value, error, match",
     [
-        ("tol", -1.0, "`tol` must be a non-negative number"),
-        ("tol", "0", "`tol` must be a non-negative number"),
-        ("maxiter", 0, "`maxiter` must be a positive integer or None"),
-        ("maxiter", 2.5, "`maxiter` must be a positive integer or None"),
-        ("random_state", -1, "`random_state` must be a non-negative integer seed"),
-        ("random_state", np.random.default_rng(0), "`random_state` must be a non-negative integer seed"),
+        ("tol", -1.0, ValueError, "`tol` must be a non-negative finite number"),
+        ("tol", float("inf"), ValueError, "`tol` must be a non-negative finite number.*got inf"),
+        ("tol", float("nan"), ValueError, "`tol` must be a non-negative finite number.*got nan"),
+        ("tol", "0", TypeError, "`tol` must be a real number.*got str"),
+        ("tol", None, TypeError, "`tol` must be a real number"),
+        ("tol", True, TypeError, "`tol` must be a real number"),
+        ("maxiter", 0, ValueError, "`maxiter` must be a positive integer or None; got 0"),
+        ("maxiter", -3, ValueError, "`maxiter` must be a positive integer or None"),
+        ("maxiter", 2.5, TypeError, "`maxiter` must be a positive integer or None; got float"),
+        ("maxiter", "10", TypeError, "`maxiter` must be a positive integer or None; got str"),
+        ("random_state", -1, ValueError, "`random_state` must be a non-negative integer seed"),
+        ("random_state", 1.5, TypeError, "`random_state` must be a non-negative integer seed"),
+        ("random_state", np.random.default_rng(0), TypeError, "`random_state` must be a non-negative integer seed.*got Generator"),
+        ("progress", "yes", TypeError, "`progress` must be True or False"),
     ],
 )
-def test_option_errors(option, value, match):
+def test_option_errors(option, value, error, match):
     A, B = make_factors((40, 12), (12, 40))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         topk.svds(A, B, 3, **{option: value})
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         topk.eigs(A, B, 3, **{option: value})
+    with pytest.raises(error, match=match):
+        FactoredMatrix(A, B).svds(3, **{option: value})
+
+
+def test_option_types_that_are_accepted():
+    A, B = make_factors((40, 12), (12, 30))
+    S = topk.svds(A, B, 3, "arpack", return_singular_vectors=np.False_, tol=np.float32(0), maxiter=np.int64(500), random_state=np.int8(1))
+    torch.testing.assert_close(S, torch.linalg.svdvals(A @ B)[:3], rtol=1e-9, atol=0)
+
+
+def test_return_singular_vectors_must_be_a_bool():
+    A, B = make_factors((40, 12), (12, 30))
+    with pytest.raises(TypeError, match="`return_singular_vectors` must be True or False; got 'u'"):
+        topk.svds(A, B, 3, return_singular_vectors="u")
+
+
+def test_factors_are_validated():
+    A, B = make_factors((40, 12), (12, 30))
+    with pytest.raises(TypeError, match="`A` must be a torch.Tensor"):
+        topk.svds(A.numpy(), B, 3)
+    with pytest.raises(ValueError, match="inner dims differ"):
+        topk.eigs(A, B[:5], 3)
+
+
+def test_complex_arpack_k_limit_is_one_lower():
+    """SciPy's svds runs ARPACK's non-symmetric driver for complex operators, which needs
+    k < n - 1; asking for k = min(ldim, rdim) - 1 raised a raw TypeError from inside SciPy."""
+    A, B = make_factors((20, 35), (35, 25), torch.complex128)
+    with pytest.raises(ValueError, match=r"`0 < k < min\(ldim, rdim\) - 1` \(= 18 here\); got 19\. ARPACK needs it"):
+        topk.svds(A, B, 19, "arpack")
+    check_top_svd(*topk.svds(A, B, 18, "arpack"), A, B, 18, 1e-9)
+    assert topk.plan("svd", 20, 35, 25, 19, is_complex=True)[0] == "exact"
+    with arpack_for_free():
+        check_top_svd(*topk.svds(A, B, 19, "auto"), A, B, 19, 1e-9)
+    A, B = make_factors((20, 35), (35, 25), torch.float64)
+    check_top_svd(*topk.svds(A, B, 19, "arpack"), A, B, 19, 1e-9)
+
+
+# --- the exact path runs on the whole batch -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128], ids=str)
+def test_batched_exact_path_matches_each_matrix(dtype):
+    A, B = make_factors((2, 1, 20, 6), (3, 6, 18), dtype)
+    U, S, V = topk.svds(A, B, 4, "exact")
+    values = topk.eigs(A[..., :18, :], B, 4, "exact")
+    eps = torch.finfo(S.dtype).eps
+    for i in range(2):
+        for j in range(3):
+            a, b = A[i, 0], B[j]
+            scale = float(torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))
+            U1, S1, V1 = topk.svds(a, b, 4, "exact")
+            assert float((S[i, j] - S1).abs().max()) <= 100 * eps * scale
+            P, P1 = U[i, j] @ U[i, j].mH, U1 @ U1.mH
+            assert float((P - P1).abs().max()) <= 1e3 * eps ** 0.5
+            v1 = topk.eigs(a[:18], b, 4, "exact")
+            assert float((values[i, j] - v1).abs().max()) <= 1e3 * eps ** 0.5 * scale
 
 
 @pytest.mark.parametrize("solver", ["arpack", "propack"])
@@ -508,3 +662,67 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch}, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- ARPACK's eigenpairs are checked by their residuals ---------------------------------------------
+def _dense_eigenpairs(A, B, k):
+    M = (A.to(torch.complex128) @ B.to(torch.complex128))
+    w, X = torch.linalg.eig(M)
+    order = w.abs().argsort(descending=True)[:k]
+    return w[order], X[:, order]
+
+
+def test_residual_check_accepts_true_eigenpairs_and_refuses_a_perturbed_one():
+    A, B = make_factors((30, 8), (8, 30))
+    w, X = _dense_eigenpairs(A, B, 4)
+    eps = torch.finfo(torch.float64).eps
+    residuals, scale = scipy_bridge.eig_residuals(A, B, w, X)
+    assert float(residuals.max()) <= 1e3 * eps * float(scale)
+    assert float(scale) >= float(w.abs().max()) * (1 - 1e-12)
+    scipy_bridge.check_eigenpairs(A, B, w, X, 0.0, eps)
+    w_bad = w.clone()
+    w_bad[2] *= 1 + 1e-4  # a value 1e-4 off: its residual is about 1e-4 |lambda_2|
+    with pytest.raises(KrylovFailure, match=r"ARPACK reported convergence, but its eigenpair 2 has residual .* above the .* accepted.*method='exact'"):
+        scipy_bridge.check_eigenpairs(A, B, w_bad, X, 0.0, eps)
+    X_bad = X.clone()
+    X_bad[:, 0] += 1e-3 * X[:, 1]
+    with pytest.raises(KrylovFailure, match="eigenpair 0 has residual"):
+        scipy_bridge.check_eigenpairs(A, B, w, X_bad, 0.0, eps)
+    # A looser tol accepts what it should: the 1e-4 error is within tol = 1e-3.
+    scipy_bridge.check_eigenpairs(A, B, w_bad, X, 1e-3, eps)
+    with pytest.raises(KrylovFailure, match="eigenpair 1 has residual"):
+        nan = X.clone()
+        nan[0, 1] = float("nan")
+        scipy_bridge.check_eigenpairs(A, B, w, nan, 0.0, eps)
+
+
+def test_failed_residual_check_raises_for_arpack_and_falls_back_under_auto():
+    """With the accepted residual made impossibly small, ARPACK's pairs (which are fine) fail:
+    an explicit "arpack" raises, "auto" records the failure and returns the exact values."""
+    A, B = make_factors((40, 12), (12, 40))
+    check_top_eigenvalues(topk.eigs(A, B, 4, "arpack"), A, B, 4, 1e-9)  # passes the default check
+    with lr_settings.krylov_residual_factor(1e-30):
+        with pytest.raises(KrylovFailure, match="ARPACK reported convergence, but its eigenpair"):
+            topk.eigs(A, B, 4, "arpack")
+        with arpack_for_free(), choices.recorded() as log:
+            values = topk.eigs(A, B, 4, "auto")
+    assert [c.method for c in log] == ["arpack", "exact"] and "ARPACK reported convergence" in log[1].reason
+    check_top_eigenvalues(values, A, B, 4, 1e-9)
+
+
+def test_nan_factors_give_nan_or_a_clear_error():
+    A, B = make_factors((40, 12), (12, 40))
+    A[3, 2] = float("nan")
+    for call in (
+        lambda: topk.svds(A, B, 3, "exact", return_singular_vectors=False),
+        lambda: topk.svds(A, B, 3, "auto"),
+        lambda: topk.svds(A, B, 3, "arpack")[1],
+        lambda: topk.eigs(A, B, 3, "exact"),
+        lambda: topk.eigs(A, B, 3, "arpack"),
+    ):
+        try:
+            result = call()
+        except RuntimeError as error:  # torch's LinAlgError or KrylovFailure, both RuntimeErrors
+            assert re.search("non-finite|NaN|nan|ARPACK", str(error)), str(error)
+        else:
+            assert torch.isnan(result).any()
