@@ -5,9 +5,12 @@ TransformerLens's meaning, made complete: the index applies to the leading dims 
 ``...``), and to the row and column dims *independently*: an int keeps its dim (a size-1 slice), a
 list, 1-D integer tensor or 1-D mask picks rows (or columns), and picks on both dims give the outer
 (sub-matrix) selection. The result is the FactoredMatrix ``(A[lead][..., rows, :], B[lead][..., :,
-cols])``; nothing of size ``ldim x rdim`` is formed. Two cases give Tensors instead: ``None`` at or
-after the row dim (the dense block, with the new dims), and a 2-D mask over the row and column dims
-(the selected entries, as torch gives them).
+cols])``; nothing of size ``ldim x rdim`` is formed. Three cases give Tensors instead: ``None`` at or
+after the row dim (the dense block, with the new dims); a 2-D mask over the row and column dims; and
+an integer tensor of two or more dims (an index grid) on the row or column dim together with another
+index tensor (on the other matrix dim or a leading dim), which broadcast against each other. The
+last two pick entries, as in torch (and as linear_operator's internals expect: its pivoted
+Cholesky indexes operators with such grids).
 
 Index kinds follow torch: a 0-dim bool or uint8 tensor is a mask that adds a dim (size 1 or 0), a
 uint8 tensor of more dims is a mask, int64 and int32 tensors are integer indices, other integer
@@ -190,6 +193,12 @@ def plan(index: object, shape: torch.Size, device: torch.device) -> IndexPlan:
     if row_mask >= 0 and row_mask == col_mask:  # one 2-D mask over the rows and the columns
         return _entries_plan(entries, p)
 
+    grids = [item for item in (row, col) if isinstance(item, Tensor) and item.dim() >= 2]
+    tensors = [item for item, _, _ in entries[:p] + [entries[p], entries[q]] if isinstance(item, Tensor)]
+    if grids and len(tensors) >= 2:
+        # Index grids (as linear_operator's own internals build them, e.g. for pivoted Cholesky)
+        # broadcast against the other index tensors and pick entries, as in torch.
+        return _entries_plan(entries, p)
     lead_masks = {mask for _, _, mask in entries[:p] if mask >= 0}
     for name, item, mask in (("row", row, row_mask), ("column", col, col_mask)):
         if mask >= 0 and mask in lead_masks:

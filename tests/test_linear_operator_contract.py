@@ -21,15 +21,25 @@ Overrides of shipped tests, each because of a documented TransformerLens meaning
   shipped test runs in its ``cholesky`` mode, which asserts that CG is not called. Values are
   compared as shipped.
 
+- ``test_getitem`` and ``test_getitem_tensor_index``: the ``fm[...]`` syntax follows TransformerLens
+  (an int on a row or column dim keeps that dim; lists or 1-D tensors on both pick a sub-matrix),
+  where the shipped tests expect torch's meaning (the dim dropped; entries picked). linear_operator's
+  meaning is its ``LinearOperator.__getitem__`` over this class's ``_getitem`` / ``_get_indices``
+  hooks, which is what linear_operator and GPyTorch use internally; the overrides run the shipped
+  tests unchanged with ``fm[...]`` routed to it, and then check the TransformerLens meaning of the
+  same indices against the dense product. (``test_getitem_broadcasted_tensor_index`` is not
+  overridden: index grids mean the same under both, see :mod:`lowrank_op._indexing`.)
+
 Nothing else is overridden.
 """
 
 from __future__ import annotations
 
 import unittest
+from unittest.mock import patch
 
 import torch
-from linear_operator.operators import to_dense
+from linear_operator.operators import LinearOperator, to_dense
 from linear_operator.test.linear_operator_test_case import (
     LinearOperatorTestCase,
     RectangularLinearOperatorTestCase,
@@ -64,7 +74,38 @@ class _TransformerLensMatmul:
                 self.assertAllClose(arg.grad, arg_copy.grad, **self.tolerances["matmul"])
 
 
-class _Rectangular(_TransformerLensMatmul, RectangularLinearOperatorTestCase):
+class _TransformerLensIndexing:
+    """The shipped getitem tests through linear_operator's ``__getitem__`` (the hooks), then
+    ``fm[...]``'s TransformerLens meaning on the same kinds of index."""
+
+    def _tl_meaning(self):
+        linear_op = self.create_linear_op()
+        evaluated = self.evaluate_linear_op(linear_op)
+        lead = (0,) * (linear_op.dim() - 2)
+        rows, cols = torch.tensor([0, 1, 0, 2]), torch.tensor([1, 2, 0, 1])
+        for index, expected in [
+            ((*lead, 1, slice(0, 2)), evaluated[(*lead, slice(1, 2), slice(0, 2))]),
+            ((..., slice(1, None), 2), evaluated[..., 1:, 2:3]),
+            ((..., -1, -1), evaluated[..., -1:, -1:]),
+            ((..., rows, cols), evaluated[..., rows, :][..., cols]),
+            ((..., rows, slice(None)), evaluated[..., rows, :]),
+        ]:
+            res = linear_op[index]
+            self.assertIsInstance(res, FactoredMatrix)
+            self.assertAllClose(res.to_dense(), expected)
+
+    def test_getitem(self):
+        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+            super().test_getitem()
+        self._tl_meaning()
+
+    def test_getitem_tensor_index(self):
+        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+            super().test_getitem_tensor_index()
+        self._tl_meaning()
+
+
+class _Rectangular(_TransformerLensIndexing, _TransformerLensMatmul, RectangularLinearOperatorTestCase):
     seed = 0
     a_shape: tuple[int, ...] = ()
     b_shape: tuple[int, ...] = ()
@@ -94,7 +135,7 @@ class TestRectangularBroadcastFactors(_Rectangular, unittest.TestCase):
     a_shape, b_shape = (2, 1, 5, 3), (3, 3, 6)
 
 
-class _SymmetricPositiveDefinite(_TransformerLensMatmul, LinearOperatorTestCase):
+class _SymmetricPositiveDefinite(_TransformerLensIndexing, _TransformerLensMatmul, LinearOperatorTestCase):
     """``L @ L^T`` with a wide ``L`` (mdim > n): square, symmetric, positive definite."""
 
     seed = 0
