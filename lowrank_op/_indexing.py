@@ -218,6 +218,7 @@ def plan(index: object, shape: torch.Size, device: torch.device) -> IndexPlan:
                 "a boolean scalar index (`True`/`False`) can only stand among the leading dims of a "
                 "FactoredMatrix; use `None` to add a dim to the dense result."
             )
+    _check_lead_broadcast([item for item, _, _ in entries[:p]])
     return IndexPlan(
         lead=tuple(item for item, _, _ in entries[:p]),
         row=_as_slice(row),
@@ -225,6 +226,22 @@ def plan(index: object, shape: torch.Size, device: torch.device) -> IndexPlan:
         between=q - p - 1,
         after=len(entries) - q - 1,
     )
+
+
+def _check_lead_broadcast(lead: list) -> None:
+    """Index tensors on leading dims broadcast together, as in torch (a boolean scalar counts as a
+    tensor of shape ``(1,)`` or ``(0,)``); IndexError where they do not."""
+    shapes = [tuple(item.shape) for item in lead if isinstance(item, Tensor)]
+    if not shapes:
+        return
+    shapes += [(int(item.value),) for item in lead if isinstance(item, BoolScalar)]
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise IndexError(
+            f"index tensors on the leading dims must broadcast together (as in torch); got shapes "
+            f"{', '.join(str(shape) for shape in shapes)}."
+        ) from None
 
 
 def _as_slice(item: object) -> slice | Tensor:
@@ -272,6 +289,8 @@ def index_factors(A: Tensor, B: Tensor, lead: tuple, row: slice | Tensor, col: s
     """``(A[lead][..., row, :], B[lead][..., :, col])`` for factors with the same number of leading
     dims (size 1 where broadcast), without expanding either along the dims it is shared over."""
     full = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    A = A[(*_aligned_index(A, full, lead), row, slice(None))]
-    B = B[(*_aligned_index(B, full, lead), slice(None), col)]
-    return A, B
+    if lead:
+        A = A[(*_aligned_index(A, full, lead), slice(None), slice(None))]
+        B = B[(*_aligned_index(B, full, lead), slice(None), slice(None))]
+    # Rows and columns apart from the leading dims: their index tensors do not broadcast with those.
+    return A[..., row, :], B[..., :, col]
