@@ -66,7 +66,7 @@ _INTEGER_TENSOR_DTYPES = (torch.int64, torch.int32)
 _SUPPORTED = "ints, slices, lists, integer or boolean tensors and arrays, `...`, `None` or `True`/`False`"
 
 
-def _from_tensor(item: Tensor, device: torch.device):
+def _from_tensor(item: Tensor):
     if item.dim() == 0:
         if item.dtype in (torch.bool, torch.uint8):
             return BoolScalar(bool(item))
@@ -74,9 +74,9 @@ def _from_tensor(item: Tensor, device: torch.device):
             raise IndexError(f"tensor indices must be integers or booleans, got a 0-dim {item.dtype} tensor.")
         return int(item)
     if item.dtype in (torch.bool, torch.uint8):
-        return _Mask(item.to(device=device, dtype=torch.bool))
+        return _Mask(item.bool())
     if item.dtype in _INTEGER_TENSOR_DTYPES:
-        return item.to(device=device, dtype=torch.int64)
+        return item.long()
     if item.dtype.is_floating_point or item.dtype.is_complex:
         raise IndexError(f"tensor indices must be integers or booleans, got {item.dtype}.")
     raise IndexError(
@@ -85,19 +85,19 @@ def _from_tensor(item: Tensor, device: torch.device):
     )
 
 
-def _from_array(item: np.ndarray, device: torch.device):
+def _from_array(item: np.ndarray):
     if item.dtype == np.bool_ or item.dtype == np.uint8:
-        return _from_tensor(torch.from_numpy(np.ascontiguousarray(item)), device)
+        return _from_tensor(torch.from_numpy(np.ascontiguousarray(item)))
     if item.dtype.kind in "iu":
-        return _from_tensor(torch.from_numpy(item.astype(np.int64)), device)
+        return _from_tensor(torch.from_numpy(item.astype(np.int64)))
     raise IndexError(f"array indices must be integers or booleans, got dtype {item.dtype}.")
 
 
-def _from_sequence(item: list | tuple | range, device: torch.device):
+def _from_sequence(item: list | tuple | range):
     if isinstance(item, range):
-        return torch.arange(item.start, item.stop, item.step, device=device)
+        return torch.arange(item.start, item.stop, item.step)
     if len(item) == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.empty(0, dtype=torch.int64)
     try:
         as_tensor = torch.as_tensor(item)
     except (TypeError, ValueError, RuntimeError):
@@ -105,11 +105,12 @@ def _from_sequence(item: list | tuple | range, device: torch.device):
             f"a list index must hold only integers or only booleans (nested lists for more dims), got "
             f"{item!r}."
         ) from None
-    return _from_tensor(as_tensor, device)
+    return _from_tensor(as_tensor)
 
 
-def _convert(item: object, device: torch.device):
-    """One index item as None, Ellipsis, BoolScalar, int, slice, int64 Tensor or _Mask."""
+def _convert(item: object):
+    """One index item as None, Ellipsis, BoolScalar, int, slice, int64 Tensor or _Mask (index tensors
+    stay on their device: torch takes host indices for tensors on any device)."""
     if item is None or item is Ellipsis:
         return item
     if isinstance(item, bool):
@@ -119,13 +120,13 @@ def _convert(item: object, device: torch.device):
             raise ValueError(f"slice steps must be positive (as in torch), got {item.step}; use `.flip()` to reverse.")
         return item
     if isinstance(item, Tensor):
-        return _from_tensor(item, device)
+        return _from_tensor(item)
     if isinstance(item, np.ndarray):
-        return _from_array(item, device) if item.ndim else _convert(item.item(), device)
+        return _from_array(item) if item.ndim else _convert(item.item())
     if isinstance(item, np.bool_):
         return BoolScalar(bool(item))
     if isinstance(item, (list, tuple, range)):
-        return _from_sequence(item, device)
+        return _from_sequence(item)
     if isinstance(item, float) or not hasattr(item, "__index__"):
         raise IndexError(f"unsupported index type {type(item).__name__}; use {_SUPPORTED}.")
     return operator.index(item)  # int, NumPy integers
@@ -137,11 +138,11 @@ def _consumed(item: object) -> int:
     return item.mask.dim() if isinstance(item, _Mask) else 1
 
 
-def _expand(index: object, shape: torch.Size, device: torch.device) -> list[tuple[object, int, int]]:
+def _expand(index: object, shape: torch.Size) -> list[tuple[object, int, int]]:
     """The index as ``(item, dim, mask_id)`` triples: masks split into one integer tensor per dim,
     ``...`` filled, missing trailing dims padded; ``dim`` is the dim of ``shape`` an item applies to
     (for None and BoolScalar, the dim before which they stand); ``mask_id`` groups a mask's parts."""
-    items = [_convert(item, device) for item in (index if isinstance(index, tuple) else (index,))]
+    items = [_convert(item) for item in (index if isinstance(index, tuple) else (index,))]
     if sum(item is Ellipsis for item in items) > 1:
         raise IndexError("an index can only have a single ellipsis ('...').")
     used = sum(_consumed(item) for item in items)
@@ -183,9 +184,9 @@ def _expand(index: object, shape: torch.Size, device: torch.device) -> list[tupl
     return out
 
 
-def plan(index: object, shape: torch.Size, device: torch.device) -> IndexPlan:
+def plan(index: object, shape: torch.Size) -> IndexPlan:
     """Parse ``index`` for a FactoredMatrix of ``shape``; see the module docstring for the meaning."""
-    entries = _expand(index, shape, device)
+    entries = _expand(index, shape)
     row_dim = len(shape) - 2
     p = next(i for i, (item, dim, _) in enumerate(entries) if dim == row_dim and _consumed(item))
     q = next(i for i, (item, dim, _) in enumerate(entries) if dim == row_dim + 1 and _consumed(item))

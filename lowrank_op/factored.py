@@ -570,12 +570,14 @@ class FactoredMatrix(LinearOperator):
         linear_operator's own meaning (an int drops its dim, tensors on both dims pick entries) is
         its ``_getitem`` / ``_get_indices`` hooks, which this class implements as it documents.
         """
-        p = _indexing.plan(index, self.shape, self.device)
+        p = _indexing.plan(index, self.shape)
         if p.entries is not None:
             target = self
             for dim in p.new_dims:
                 target = target._unsqueeze_batch(dim)
-            return LinearOperator.__getitem__(target, p.entries)
+            # linear_operator builds index tensors on the operator's device; host ones join them there.
+            entries = tuple(i.to(self.device) if isinstance(i, Tensor) else i for i in p.entries)
+            return LinearOperator.__getitem__(target, entries)
         result = FactoredMatrix(*_indexing.index_factors(*self._aligned(), p.lead, p.row, p.col))
         if not (p.between or p.after):
             return result

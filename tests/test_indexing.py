@@ -382,3 +382,13 @@ def test_iter_batched_yields_leading_slices(a_shape, b_shape):
     for item, expected in zip(items, D):
         assert isinstance(item, FactoredMatrix)
         torch.testing.assert_close(_dense_of(item), expected)
+
+
+def test_meta_factors_index_without_data():
+    # Index tensors stay on the host and join the factors' device where needed; nothing reads data.
+    A, B = torch.empty(3, 1, 5, 4, device="meta"), torch.empty(2, 4, 6, device="meta")
+    fm, cpu = FactoredMatrix(A, B), FactoredMatrix(torch.zeros(3, 1, 5, 4), torch.zeros(2, 4, 6))
+    mask = t([True, False, True, False, True])
+    for index in ([0, 2], (..., mask, 1), (0, 1, t([[0], [2]]), t([[1, 3]])), (t(True), ..., 0, [1, 2])):
+        out = fm[index]
+        assert out.device.type == "meta" and out.shape == cpu[index].shape, index
