@@ -95,7 +95,7 @@ def check_factors(A: object, B: object) -> torch.Size:
     B = check_factor("B", B)
     if A.shape[-1] != B.shape[-2]:
         raise ShapeMismatchError(
-            f"inner dims differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
+            f"inner dimensions differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
             f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
         )
     if is_tensor_like(A) or is_tensor_like(B):

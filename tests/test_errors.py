@@ -17,7 +17,7 @@ def f64(*shape):
 
 
 DTYPE = r"`A` must have a floating or complex dtype, got "
-INNER = r"inner dims differ: `A` of shape \(3, 2\) has mdim 2 columns but `B` of shape \(3, 4\) has 3 rows"
+INNER = r"inner dimensions differ: `A` of shape \(3, 2\) has mdim 2 columns but `B` of shape \(3, 4\) has 3 rows"
 SAME_DTYPE = r"`A` and `B` must have the same dtype, got A torch\.float64 and B torch\.float32; cast one"
 LEADING = (
     r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) and `B` of shape \(3, 2, 4\) \(sizes 2 and 3 "

@@ -157,7 +157,7 @@ def test_tensor_like_factors_BA_and_errors():
     assert fm.A.tensor is A and fm.shape == (4, 4)
     with pytest.raises(ValueError, match=r"shapes do not match for a product: .* which needs 4 rows"):
         fm @ TensorLike(torch.randn(3, 2, dtype=f64))
-    with pytest.raises(ValueError, match=r"inner dims differ"):
+    with pytest.raises(ValueError, match=r"inner dimensions differ"):
         FactoredMatrix(TensorLike(A), torch.randn(4, 4, dtype=f64))
 
 
