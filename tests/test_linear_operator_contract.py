@@ -163,3 +163,32 @@ class TestSymmetricPositiveDefinite(_SymmetricPositiveDefinite, unittest.TestCas
 
 class TestSymmetricPositiveDefiniteBatch(_SymmetricPositiveDefinite, unittest.TestCase):
     root_shape = (3, 5, 7)
+
+
+# --- linear_operator's internal uses of indexing and squeeze keep its meaning ----------------------
+def test_apply_permutation_gets_linear_operators_meaning():
+    # Pivoted Cholesky (GPyTorch's preconditioner) indexes operators with broadcast index grids.
+    from linear_operator.utils.permutation import apply_permutation
+
+    fm = FactoredMatrix(torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    left = torch.stack([torch.randperm(6), torch.randperm(6)])
+    right = torch.randperm(6).expand(2, 6)
+    dense = fm.to_dense()
+    expected = torch.stack([dense[b][left[b]][:, right[b]] for b in range(2)])
+    torch.testing.assert_close(apply_permutation(fm, left, right), expected)
+    row = apply_permutation(fm, left[:, :1], right_permutation=None)
+    torch.testing.assert_close(row, torch.stack([dense[b][left[b, :1]] for b in range(2)]))
+
+
+def test_squeeze_keeps_linear_operators_meaning():
+    fm = FactoredMatrix(torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64))
+    dense = fm.to_dense()
+    batch = fm.squeeze(0)
+    assert isinstance(batch, FactoredMatrix) and batch.shape == (5, 1)
+    column = fm.squeeze(-1)
+    assert type(column) is torch.Tensor
+    torch.testing.assert_close(column, dense.squeeze(-1))
+    assert fm.squeeze(-2) is fm  # size 5: nothing to squeeze
+    torch.testing.assert_close(torch.squeeze(fm, -1), dense.squeeze(-1))
+    # fm[...] keeps the column dim (TransformerLens's meaning); squeeze drops it.
+    assert fm[..., 0].shape == (1, 5, 1)

@@ -181,3 +181,27 @@ def test_eigenvalues_are_those_of_BA(a_shape, b_shape, dtype):
     sorted_ev = fm.eigvals()
     assert bool((sorted_ev.abs()[..., :-1] >= sorted_ev.abs()[..., 1:]).all())
     assert_scaled_close(match_multiset(sorted_ev, ref), ref, scale_of(fm.A, fm.B), tol(dtype, "eig"), "eigvals")
+
+
+# --- the syntax follows TransformerLens; linear_operator's methods keep its contract --------------
+def test_operators_and_methods_side_by_side():
+    fm = make_fm((2, 5, 3), (3, 4))
+    D = dense(fm.A, fm.B)
+    X = torch.randn(4, 6, dtype=f64)
+    assert isinstance(fm @ X, FactoredMatrix)
+    assert type(fm.matmul(X)) is torch.Tensor and type(torch.matmul(fm, X)) is torch.Tensor
+    torch.testing.assert_close(fm.matmul(X), D @ X)
+    W = torch.randn(2, 5, 4, dtype=f64)
+    torch.testing.assert_close(fm.mul(W).to_dense(), D * W)  # elementwise, linear_operator's
+    with pytest.raises(ValueError, match="must be a scalar"):
+        fm * W  # TransformerLens's `*`: scalars only
+    torch.testing.assert_close(fm.T.to_dense(), D.mT)
+    torch.testing.assert_close(fm.transpose(-1, -2).to_dense(), D.mT)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -3, -4])
+def test_unsqueeze_leading_positions(dim):
+    fm = make_fm((2, 5, 3), (3, 4))
+    out = fm.unsqueeze(dim)
+    assert isinstance(out, FactoredMatrix)
+    torch.testing.assert_close(dense(out.A, out.B), dense(fm.A, fm.B).unsqueeze(dim))
