@@ -559,16 +559,32 @@ class FactoredMatrix(LinearOperator):
         return FactoredMatrix(-self._A, self._B)
 
     def __getitem__(self, index):
-        """``fm[index]``, TransformerLens's meaning, made complete (see :mod:`lowrank_op._indexing`).
+        """``fm[index]``: TransformerLens's meaning, made complete (see :mod:`lowrank_op._indexing`).
 
-        Leading dims are indexed as torch indexes them; rows and columns independently: an int
-        keeps its dim (size 1), a list, 1-D integer tensor or 1-D mask picks rows (or columns), both
-        together pick a sub-matrix. The result is a FactoredMatrix ``(A[..., rows, :], B[..., :,
-        cols])``; cost ``O(1)`` for slices and ints (views), ``O(picked rows x mdim)`` otherwise.
-        Two cases give a Tensor: ``None`` at or after the row dim (the dense indexed block, with
-        the new dims) and a 2-D mask over the rows and columns (the selected entries, as in torch).
-        linear_operator's own meaning (an int drops its dim, tensors on both dims pick entries) is
-        its ``_getitem`` / ``_get_indices`` hooks, which this class implements as it documents.
+        Parameters
+        ----------
+        index : int, slice, list, Tensor, ndarray, None, bool, Ellipsis, or a tuple of them
+            Leading dims are indexed as torch indexes them. Rows and columns are indexed
+            independently: an int keeps its dim (size 1), a list, 1-D integer tensor or 1-D mask
+            picks rows (or columns), picks on both give the sub-matrix.
+
+        Returns
+        -------
+        FactoredMatrix
+            ``(A[lead][..., rows, :], B[lead][..., :, cols])``; cost ``O(1)`` for ints and slices
+            (views), ``O(picked rows x mdim)`` otherwise; factors shared over a leading dim are not
+            copied along it.
+        Tensor
+            In three cases: ``None`` at or after the row dim (the dense indexed block, with the
+            new dims); a 2-D mask over the rows and columns, or index grids (integer tensors of 2
+            or more dims on a matrix dim, broadcasting with another index tensor), which pick
+            entries as torch does.
+
+        Notes
+        -----
+        linear_operator's meaning (an int drops its dim, 1-D tensors on both dims pick entries)
+        is its ``LinearOperator.__getitem__`` over this class's ``_getitem`` / ``_get_indices``
+        hooks; linear_operator's internals index with index grids, whose meaning is the same here.
         """
         p = _indexing.plan(index, self.shape)
         if p.entries is not None:

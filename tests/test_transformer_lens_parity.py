@@ -6,6 +6,7 @@ in ``test_errors.py``, indexing in full in ``test_indexing.py``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_scaled_close, dense, make_factors, make_fm, match_multiset, scale_of, tol
@@ -205,3 +206,12 @@ def test_unsqueeze_leading_positions(dim):
     out = fm.unsqueeze(dim)
     assert isinstance(out, FactoredMatrix)
     torch.testing.assert_close(dense(out.A, out.B), dense(fm.A, fm.B).unsqueeze(dim))
+
+
+@pytest.mark.parametrize("scalar", [np.float64(2.5), np.float32(-2.0), np.int64(3)], ids=["f64", "f32", "i64"])
+def test_numpy_scalars_multiply(scalar):
+    fm = make_fm((2, 5, 3), (3, 4))
+    D = dense(fm.A, fm.B)
+    for out in (fm * scalar, scalar * fm):
+        assert isinstance(out, FactoredMatrix)
+        torch.testing.assert_close(out.to_dense(), D * float(scalar))
