@@ -466,12 +466,10 @@ class FactoredMatrix(LinearOperator):
             if isinstance(self._B, Tensor) and isinstance(other._A, Tensor):
                 core, k = balanced_core(self._B, other._A)  # (..., mdim, other.mdim), times 2^k
             else:
-                core, k = self._B @ other._A, None
+                core, k = self._B @ other._A, 0
             if other.mdim <= self.mdim:
-                left = self._A @ core
-                return FactoredMatrix(left if k is None else scale_pow2(left, k), other._B)
-            right = core @ other._B
-            return FactoredMatrix(self._A, right if k is None else scale_pow2(right, k))
+                return FactoredMatrix(scale_pow2(self._A @ core, k), other._B)
+            return FactoredMatrix(self._A, scale_pow2(core @ other._B, k))
         if isinstance(other, Tensor) or is_tensor_like(other):
             if len(other.shape) >= 2:
                 self._check_operand(other, other.shape[-2], self.rdim, "rows")

@@ -47,10 +47,14 @@ def test_unbalanced_factors(shapes, dtype, e):
     assert_scaled_close(got, expected, scale, 4 * eps, "unbalanced product")
 
 
-def test_balanced_core_is_exact_for_representable_cores():
+@pytest.mark.parametrize("e", [0, 300, -300, -515, 600, -600])
+def test_balanced_core(e):
+    # Safe cores are B1 @ A2 itself (k = 0, nothing copied); others are rescaled, and give it back.
     B1, A2 = make_factors((4, 6), (6, 3), torch.float64, seed=3)
-    core, k = balanced_core(B1, A2)
-    torch.testing.assert_close(scale_pow2(core, k), B1 @ A2, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+    core, k = balanced_core(torch.ldexp(B1, torch.tensor(e)), torch.ldexp(A2, torch.tensor(e)))
+    assert (k == 0) == (abs(e) <= 500)
+    expected = B1 @ A2  # times 2^(2e), which may not be representable
+    torch.testing.assert_close(scale_pow2(core, k - 2 * e), expected, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
