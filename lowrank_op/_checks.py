@@ -12,7 +12,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lowrank_op.errors import PerformanceWarning
+from lowrank_op.errors import (
+    BroadcastError,
+    DeviceMismatchError,
+    DtypeMismatchError,
+    PerformanceWarning,
+    ShapeMismatchError,
+)
+
+#: What TransformerLens's ``TensorLike`` protocol asks of an object that stands in for a Tensor.
+TENSOR_LIKE_MEMBERS = ("ndim", "shape", "size", "unsqueeze", "squeeze", "broadcast_to", "__matmul__")
+
+
+def is_tensor_like(X: object) -> bool:
+    """True for a duck-typed stand-in for a Tensor (TransformerLens's ``TensorLike`` protocol: the
+    members in :data:`TENSOR_LIKE_MEMBERS`), False for Tensors, LinearOperators and NumPy arrays
+    (which have no ``unsqueeze``)."""
+    if isinstance(X, Tensor) or type(X).__module__.startswith("linear_operator"):
+        return False
+    return all(hasattr(X, member) for member in TENSOR_LIKE_MEMBERS)
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -23,7 +41,14 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
 
 
 def check_factor(name: str, X: object) -> Tensor:
-    """A factor must be a floating or complex tensor with at least 2 dims."""
+    """A factor must be a floating or complex tensor with at least 2 dims (or a TensorLike stand-in
+    with at least 2 dims, whose dtype is its own business)."""
+    if is_tensor_like(X):
+        if X.ndim < 2:
+            raise ValueError(
+                f"`{name}` must have at least 2 dims (..., rows, cols), got shape {tuple(X.shape)}."
+            )
+        return X
     if not isinstance(X, Tensor):
         raise TypeError(
             f"`{name}` must be a torch.Tensor, got {type(X).__name__}; convert it with "
@@ -48,34 +73,42 @@ BROADCAST_HINT = "index or unsqueeze one of them so they follow torch broadcasti
 def check_broadcast(
     left_name: str, left_shape: torch.Size, right_name: str, right_shape: torch.Size, hint: str = BROADCAST_HINT
 ) -> torch.Size:
-    """The broadcast of two operands' leading dims (all but the last two); ValueError if none."""
-    try:
-        return torch.broadcast_shapes(left_shape[:-2], right_shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"leading dims do not broadcast: {left_name} of shape {tuple(left_shape)} and {right_name} "
-            f"of shape {tuple(right_shape)}; {hint}"
-        ) from None
+    """The broadcast of two operands' leading dims (all but the last two).
+
+    Raises :class:`~lowrank_op.errors.BroadcastError` (a ValueError and, as in TransformerLens, a
+    RuntimeError) naming the first dim, from the right, where the sizes clash.
+    """
+    left, right = tuple(left_shape[:-2]), tuple(right_shape[:-2])
+    for offset in range(1, min(len(left), len(right)) + 1):
+        a, b = left[-offset], right[-offset]
+        if a != b and a != 1 and b != 1:
+            raise BroadcastError(
+                f"leading dims do not broadcast: {left_name} of shape {tuple(left_shape)} and {right_name} "
+                f"of shape {tuple(right_shape)} (sizes {a} and {b} mismatch at dim {-offset - 2}); {hint}"
+            )
+    return torch.Size(torch.broadcast_shapes(left, right))
 
 
 def check_factors(A: object, B: object) -> torch.Size:
     """Validate the pair ``(A, B)`` and return the broadcast batch shape."""
     A = check_factor("A", A)
     B = check_factor("B", B)
+    if A.shape[-1] != B.shape[-2]:
+        raise ShapeMismatchError(
+            f"inner dimensions differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
+            f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
+        )
+    if is_tensor_like(A) or is_tensor_like(B):
+        return check_broadcast("`A`", A.shape, "`B`", B.shape)
     if A.dtype != B.dtype:
-        raise TypeError(
+        raise DtypeMismatchError(
             f"`A` and `B` must have the same dtype, got A {A.dtype} and B {B.dtype}; cast one, "
             "e.g. B.to(A.dtype)."
         )
     if A.device != B.device:
-        raise ValueError(
+        raise DeviceMismatchError(
             f"`A` and `B` must be on the same device, got A on {A.device} and B on {B.device}; "
             "move one with .to(device)."
-        )
-    if A.shape[-1] != B.shape[-2]:
-        raise ValueError(
-            f"inner dims differ: `A` of shape {tuple(A.shape)} has mdim {A.shape[-1]} columns but "
-            f"`B` of shape {tuple(B.shape)} has {B.shape[-2]} rows; they must be equal."
         )
     return check_broadcast("`A`", A.shape, "`B`", B.shape)
 
@@ -97,7 +130,7 @@ def as_scalar(name: str, value: object, dtype: torch.dtype, device: torch.device
     """A Python number or one-element tensor as a 0-dim tensor of ``dtype``; else an error."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"`{name}` must be a scalar, got a tensor of shape {tuple(value.shape)}. Use `@` for "
                 "matrix products; for an elementwise product form the dense matrix with `.AB`."
             )

@@ -35,3 +35,31 @@ class KrylovFailure(RuntimeError):
 
 class BudgetExceeded(KrylovFailure):
     """A Krylov solver applied the operator more often than its budget allowed."""
+
+
+# --- TransformerLens-compatible errors ------------------------------------------------------------
+# Each is the clear class (ValueError / TypeError) and the class TransformerLens's FactoredMatrix
+# raised in the same situation, so `except AssertionError:` (or RuntimeError) written for
+# TransformerLens keeps working. They are raised, never asserted: `python -O` changes nothing.
+class ShapeMismatchError(ValueError, AssertionError):
+    """Shapes that do not fit: factors or product operands whose inner dims differ, or a non-scalar
+    where ``*`` needs a scalar (TransformerLens asserted these)."""
+
+
+class NotSquareError(ShapeMismatchError):
+    """An operation that needs a square product (``ldim == rdim``: ``BA``, ``eigenvalues``, ``trace``,
+    solves) was asked of a rectangular one (TransformerLens asserted ``ldim == rdim``)."""
+
+
+class BroadcastError(ValueError, RuntimeError):
+    """Leading (batch) dims that do not broadcast (TransformerLens raised RuntimeError)."""
+
+
+class DtypeMismatchError(TypeError, RuntimeError):
+    """Factors or product operands of different dtypes (torch, and so TransformerLens, raised
+    RuntimeError when multiplying them)."""
+
+
+class DeviceMismatchError(ValueError, RuntimeError):
+    """Factors or product operands on different devices (torch, and so TransformerLens, raised
+    RuntimeError when multiplying them)."""

@@ -20,11 +20,17 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from lowrank_op import kernels, solves, sums
+from lowrank_op import _indexing, kernels, solves, sums
 from lowrank_op._cache import ResultCache
-from lowrank_op._checks import as_scalar, check_broadcast, check_factors, warn_off_host
-from lowrank_op._indexing import normalize_index
-from lowrank_op.errors import UndefinedGradientWarning
+from lowrank_op._checks import as_scalar, check_broadcast, check_factors, is_tensor_like, warn_off_host
+from lowrank_op._products import balanced_core, scale_pow2
+from lowrank_op.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    NotSquareError,
+    ShapeMismatchError,
+    UndefinedGradientWarning,
+)
 from lowrank_op.scipy_bridge import ScipyProtocol
 
 
@@ -141,10 +147,9 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return FactoredMatrix(A.permute(order), B.permute(order))
 
     def _getitem(self, row_index, col_index, *batch_indices) -> FactoredMatrix:
-        A, B = self._expanded()
-        if batch_indices:
-            A, B = A[batch_indices], B[batch_indices]
-        return FactoredMatrix(A[..., row_index, :], B[..., col_index])
+        # linear_operator's hook (torch's meaning, which __getitem__ of linear_operator relies on);
+        # factors shared over a leading dim are not copied along it.
+        return FactoredMatrix(*_indexing.index_factors(*self._aligned(), batch_indices, row_index, col_index))
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         A, B = self._expanded()
@@ -202,15 +207,25 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         """The right factor as given (leading dims not broadcast)."""
         return self._args[1]
 
+    def _broadcast(self, X: Tensor) -> Tensor:
+        shape = (*self.batch_shape, *X.shape[-2:])
+        return X if tuple(X.shape) == shape else X.broadcast_to(shape)
+
     @property
     def A(self) -> Tensor:
-        """The left factor, shape ``(..., ldim, mdim)``."""
-        return self._A
+        """The left factor, shape ``(..., ldim, mdim)``: broadcast (as a view, nothing copied) to the
+        full leading shape, as in TransformerLens. Computations use the factor as given."""
+        return self._broadcast(self._A)
 
     @property
     def B(self) -> Tensor:
-        """The right factor, shape ``(..., mdim, rdim)``."""
-        return self._B
+        """The right factor, shape ``(..., mdim, rdim)``, broadcast (as a view) like :attr:`A`."""
+        return self._broadcast(self._B)
+
+    @property
+    def has_leading_dims(self) -> bool:
+        """Whether either factor, as given, has dims before its last two (TransformerLens's attribute)."""
+        return len(self._A.shape) > 2 or len(self._B.shape) > 2
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -230,7 +245,7 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
 
     @property
     def pair(self) -> tuple[Tensor, Tensor]:
-        """``(A, B)``."""
+        """``(A, B)``, both broadcast (as views) to the full leading shape."""
         return self.A, self.B
 
     @property
@@ -251,7 +266,7 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
 
     def _require_square(self, what: str, advice: str = "") -> None:
         if self.ldim != self.rdim:
-            raise ValueError(
+            raise NotSquareError(
                 f"{what} needs a square product (ldim == rdim); this FactoredMatrix has shape "
                 f"{tuple(self.shape)} (ldim {self.ldim}, rdim {self.rdim}).{' ' + advice if advice else ''}"
             )
@@ -318,24 +333,46 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return self.svdvals()
 
     @property
-    def Vh(self) -> Tensor:
-        """Right singular vectors as columns, shape ``(..., rdim, k)`` (TransformerLens's Vh)."""
+    def V(self) -> Tensor:
+        """Right singular vectors as columns, shape ``(..., rdim, k)``: ``AB == U @ diag(S) @ V.mH``."""
         return self.svd()[2]
 
     @property
-    def V(self) -> Tensor:
-        """The same tensor as :attr:`Vh`: right singular vectors as columns."""
-        return self.Vh
+    def Vh(self) -> Tensor:
+        """Deprecated alias of :attr:`V` (as in TransformerLens, it has always been ``V``, not its
+        conjugate transpose); warns ``DeprecationWarning``."""
+        warnings.warn(
+            "FactoredMatrix.Vh returns V (the right singular vectors as columns), not its conjugate "
+            "transpose; use .V (and .V.mH for the conjugate transpose). Vh is kept as a deprecated alias, "
+            "as in TransformerLens.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.svd()[2]
 
     @property
     def eigenvalues(self) -> Tensor:
-        """Eigenvalues of the square product, complex, shape ``(..., mdim)``, by descending modulus.
+        """Eigenvalues of ``B @ A``, complex, shape ``(..., mdim)``, in LAPACK's order: TransformerLens's.
 
-        From the ``mdim x mdim`` ``B @ A`` (which shares ``A @ B``'s non-zero eigenvalues); when
-        ``mdim > ldim``, the ``mdim - ldim`` extra ones are exact zeros. Raises ValueError unless
-        ``ldim == rdim``. See :func:`lowrank_op.kernels.eigvals`.
+        ``B @ A`` shares the square ``A @ B``'s non-zero eigenvalues; when ``mdim > ldim`` its
+        ``mdim - ldim`` extra ones are zero up to rounding. 16-bit factors give complex64. Cost
+        ``O(ldim mdim^2 + mdim^3)``; cached on the instance. Raises
+        :class:`~lowrank_op.errors.NotSquareError` (a ValueError and an AssertionError) unless
+        ``ldim == rdim``. :meth:`eigvals` gives them sorted, with exact zeros. See
+        :func:`lowrank_op.kernels.reverse_product_eigvals`.
         """
         self._require_square("eigenvalues")
+        return self._cached("eigenvalues", lambda: kernels.reverse_product_eigvals(self._A, self._B))
+
+    def eigvals(self) -> Tensor:
+        """Eigenvalues of the square product, complex, shape ``(..., mdim)``, by descending modulus.
+
+        From the smaller of ``B @ A`` and ``A @ B``: when ``mdim > ldim`` the ``ldim x ldim``
+        product is decomposed and the ``mdim - ldim`` others are exact zeros (where
+        :attr:`eigenvalues`, TransformerLens's, has rounding noise in LAPACK's order). Cost
+        ``O(n mdim^2 + n^3)``, ``n = min(ldim, mdim)``; cached. See :func:`lowrank_op.kernels.eigvals`.
+        """
+        self._require_square("eigvals")
         return self._cached("eigvals", lambda: kernels.eigvals(self._A, self._B))
 
     def svds(
@@ -493,59 +530,102 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return corner[tuple(slice(k) for _ in range(corner.dim()))]
 
     # --- operators ---------------------------------------------------------------------------------
+    # NumPy defers binary operators to this class (so ``ndarray @ fm`` reaches __rmatmul__'s TypeError).
+    __array_ufunc__ = None
+
     def __matmul__(self, other):
+        """``self @ other``, as in TransformerLens: a vector gives a Tensor, a matrix (Tensor or
+        TensorLike, batched or not) or a FactoredMatrix gives a FactoredMatrix whose inner dim is the
+        smaller available one. For ``fm @ fm`` the ``mdim x mdim`` core is formed from factors
+        rescaled by powers of two (exact), so factors of opposite extreme scales do not underflow."""
         if isinstance(other, FactoredMatrix):
-            self._check_operand(other.ldim, self.rdim, "rows", other)
+            self._check_operand(other, other.ldim, self.rdim, "rows")
             if self.rdim < min(self.mdim, other.mdim):
                 # Both dense products are no larger than the factors they come from.
                 return FactoredMatrix(self.to_dense(), other.to_dense())
-            core = self._B @ other._A  # (..., mdim, other.mdim)
+            if isinstance(self._B, Tensor) and isinstance(other._A, Tensor):
+                core, k = balanced_core(self._B, other._A)  # (..., mdim, other.mdim), times 2^k
+            else:
+                core, k = self._B @ other._A, 0
             if other.mdim <= self.mdim:
-                return FactoredMatrix(self._A @ core, other._B)
-            return FactoredMatrix(self._A, core @ other._B)
-        if isinstance(other, Tensor) and other.dim() >= 2:
-            self._check_operand(other.shape[-2], self.rdim, "rows", other)
-            if self.rdim > self.mdim:
-                return FactoredMatrix(self._A, self._B @ other)
-            return FactoredMatrix(self.to_dense(), other)
-        if isinstance(other, Tensor):
-            self._check_operand(other.shape[-1] if other.dim() else None, self.rdim, "entries", other)
+                return FactoredMatrix(scale_pow2(self._A @ core, k), other._B)
+            return FactoredMatrix(self._A, scale_pow2(core @ other._B, k))
+        if isinstance(other, Tensor) or is_tensor_like(other):
+            if len(other.shape) >= 2:
+                self._check_operand(other, other.shape[-2], self.rdim, "rows")
+                if self.rdim > self.mdim:
+                    return FactoredMatrix(self._A, self._B @ other)
+                return FactoredMatrix(self.to_dense(), other)
+            self._check_operand(other, other.shape[-1] if len(other.shape) else None, self.rdim, "entries")
             # As a column, so that batched factors broadcast as they do in torch.matmul.
             return (self._A @ (self._B @ other.unsqueeze(-1))).squeeze(-1)
-        return super().__matmul__(other)
+        if isinstance(other, LinearOperator):
+            return super().__matmul__(other)
+        raise self._operand_type_error(other)
 
     def __rmatmul__(self, other):
-        if isinstance(other, Tensor) and other.dim() >= 2:
-            self._check_operand(other.shape[-1], self.ldim, "columns", other)
-            if self.ldim > self.mdim:
-                return FactoredMatrix(other @ self._A, self._B)
-            return FactoredMatrix(other, self.to_dense())
-        if isinstance(other, Tensor):
-            self._check_operand(other.shape[-1] if other.dim() else None, self.ldim, "entries", other)
+        if isinstance(other, Tensor) or is_tensor_like(other):
+            if len(other.shape) >= 2:
+                self._check_operand(other, other.shape[-1], self.ldim, "columns")
+                if self.ldim > self.mdim:
+                    return FactoredMatrix(other @ self._A, self._B)
+                return FactoredMatrix(other, self.to_dense())
+            self._check_operand(other, other.shape[-1] if len(other.shape) else None, self.ldim, "entries")
             return ((other.unsqueeze(-2) @ self._A) @ self._B).squeeze(-2)
-        return super().__rmatmul__(other)
+        if isinstance(other, LinearOperator):
+            return super().__rmatmul__(other)
+        raise self._operand_type_error(other)
 
     def matmul(self, other):
-        """linear_operator's contract: Tensor in, Tensor out; a FactoredMatrix stays factored."""
+        """linear_operator's contract: Tensor in, Tensor out; a FactoredMatrix stays factored.
+
+        Operands are checked first: a dtype or device other than the factors', or a size that does
+        not fit, raises an error that says so (instead of torch's or linear_operator's own)."""
         if isinstance(other, FactoredMatrix):
             return self @ other
-        return super().matmul(other)
+        if isinstance(other, Tensor):
+            if other.dim() >= 2:
+                self._check_operand(other, other.shape[-2], self.rdim, "rows")
+            else:
+                self._check_operand(other, other.shape[-1] if other.dim() else None, self.rdim, "entries")
+            return super().matmul(other)
+        if isinstance(other, LinearOperator):
+            return super().matmul(other)
+        raise self._operand_type_error(other)
 
-    def _check_operand(self, got: int | None, want: int, what: str, other: Tensor | LinearOperator) -> None:
-        if other.dtype != self.dtype:
-            raise TypeError(
-                f"dtypes differ in a product: FactoredMatrix of dtype {self.dtype} and operand of dtype "
-                f"{other.dtype}; cast one, e.g. operand.to({self.dtype})."
+    def _operand_type_error(self, other: object) -> TypeError:
+        return TypeError(
+            f"a product needs a torch.Tensor, a FactoredMatrix or a LinearOperator operand, got "
+            f"{type(other).__name__}; convert it with torch.as_tensor(other, dtype={self.dtype}, "
+            f"device='{self.device}')."
+        )
+
+    def _check_operand(self, other, got: int | None, want: int, what: str) -> None:
+        """Dtype, device, size and leading dims of a product operand (TensorLike: size and dims only)."""
+        dtype, device = getattr(other, "dtype", None), getattr(other, "device", None)
+        own_dtype, own_device = getattr(self._A, "dtype", None), getattr(self._A, "device", None)
+        if None not in (dtype, own_dtype) and dtype != own_dtype:
+            raise DtypeMismatchError(
+                f"dtypes differ in a product: FactoredMatrix of dtype {own_dtype} and operand of dtype "
+                f"{dtype}; cast one, e.g. operand.to({own_dtype})."
+            )
+        if None not in (device, own_device) and device != own_device:
+            raise DeviceMismatchError(
+                f"devices differ in a product: FactoredMatrix on {own_device} and operand on {device}; "
+                f"move one, e.g. operand.to('{own_device}')."
             )
         if got != want:
-            hint = " Use `*` to multiply by a scalar." if other.dim() == 0 else ""
-            raise ValueError(
+            hint = " Use `*` to multiply by a scalar." if len(other.shape) == 0 else ""
+            raise ShapeMismatchError(
                 f"shapes do not match for a product: FactoredMatrix of shape {tuple(self.shape)} "
                 f"and operand of shape {tuple(other.shape)}, which needs {want} {what}.{hint}"
             )
         check_broadcast("FactoredMatrix", self.shape, "operand", other.shape)
 
     def __mul__(self, other) -> FactoredMatrix:
+        """``fm * c`` for a number or one-element tensor ``c`` (TransformerLens's ``*``); any other
+        operand raises :class:`~lowrank_op.errors.ShapeMismatchError` (a ValueError and an
+        AssertionError). Elementwise products are :meth:`mul` (linear_operator's)."""
         return FactoredMatrix(self._A * as_scalar("other", other, self.dtype, self.device), self._B)
 
     __rmul__ = __mul__
@@ -557,11 +637,71 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return FactoredMatrix(-self._A, self._B)
 
     def __getitem__(self, index):
-        new_dims, index = normalize_index(index, self.shape)
-        target = self
-        for dim in new_dims:
-            target = target._unsqueeze_batch(dim)
-        return LinearOperator.__getitem__(target, index)
+        """``fm[index]``: TransformerLens's meaning, made complete (see :mod:`lowrank_op._indexing`).
+
+        Parameters
+        ----------
+        index : int, slice, list, Tensor, ndarray, None, bool, Ellipsis, or a tuple of them
+            Leading dims are indexed as torch indexes them. Rows and columns are indexed
+            independently: an int keeps its dim (size 1), a list, 1-D integer tensor or 1-D mask
+            picks rows (or columns), picks on both give the sub-matrix.
+
+        Returns
+        -------
+        FactoredMatrix
+            ``(A[lead][..., rows, :], B[lead][..., :, cols])``; cost ``O(1)`` for ints and slices
+            (views), ``O(picked rows x mdim)`` otherwise; factors shared over a leading dim are not
+            copied along it.
+        Tensor
+            In three cases: ``None`` at or after the row dim (the dense indexed block, with the
+            new dims); a 2-D mask over the rows and columns, or index grids (integer tensors of 2
+            or more dims on a matrix dim, broadcasting with another index tensor), which pick
+            entries as torch does.
+
+        Notes
+        -----
+        linear_operator's meaning (an int drops its dim, 1-D tensors on both dims pick entries)
+        is its ``LinearOperator.__getitem__`` over this class's ``_getitem`` / ``_get_indices``
+        hooks; linear_operator's internals index with index grids, whose meaning is the same here.
+        """
+        p = _indexing.plan(index, self.shape)
+        if p.entries is not None:
+            target = self
+            for dim in p.new_dims:
+                target = target._unsqueeze_batch(dim)
+            # linear_operator builds index tensors on the operator's device; host ones join them there.
+            entries = tuple(i.to(self.device) if isinstance(i, Tensor) else i for i in p.entries)
+            return LinearOperator.__getitem__(target, entries)
+        result = FactoredMatrix(*_indexing.index_factors(*self._aligned(), p.lead, p.row, p.col))
+        if not (p.between or p.after):
+            return result
+        dense = result.to_dense()
+        return dense.reshape(*dense.shape[:-1], *(1,) * p.between, dense.shape[-1], *(1,) * p.after)
+
+    def squeeze(self, dim: int) -> FactoredMatrix | Tensor:
+        """linear_operator's ``squeeze``: a size-1 leading dim goes (a FactoredMatrix); a size-1 row
+        or column dim gives the dense remaining column or row (a Tensor); otherwise ``self``."""
+        position = dim + self.dim() if dim < 0 else dim
+        if self.shape[position] != 1:
+            return self
+        if position < self.dim() - 2:
+            A, B = self._aligned()
+            return FactoredMatrix(A.squeeze(position), B.squeeze(position))
+        return self.to_dense().squeeze(position)
+
+    def unsqueeze(self, dim: int) -> FactoredMatrix:
+        """A new leading dim of size 1 at ``dim``: ``0 <= dim <= len(batch_shape)``, or counted from
+        the right, ``-self.dim() - 1 <= dim <= -3``. TransformerLens also accepted positions among
+        the last two dims, which change what the product means; those raise ValueError here."""
+        n_lead = self.dim() - 2
+        position = dim + self.dim() + 1 if dim < 0 else dim
+        if not 0 <= position <= n_lead:
+            raise ValueError(
+                f"`dim` must be a leading-dim position, {-self.dim() - 1} <= dim <= -3 or 0 <= dim <= "
+                f"{n_lead}, for a FactoredMatrix of shape {tuple(self.shape)}; got {dim}. A new dim among "
+                "the last two would change what the product means; unsqueeze `.AB` for that."
+            )
+        return self._unsqueeze_batch(position)
 
     def __iter__(self):
         if self.dim() == 2:
@@ -834,7 +974,6 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return result if left_tensor is None else left_tensor @ result
 
     def __repr__(self) -> str:
-        return (
-            f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim}, dtype={self.dtype}, "
-            f"device={self.device})"
-        )
+        dtype = getattr(self._A, "dtype", type(self._A).__name__)
+        device = getattr(self._A, "device", None)
+        return f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim}, dtype={dtype}, device={device})"

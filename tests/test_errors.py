@@ -17,9 +17,12 @@ def f64(*shape):
 
 
 DTYPE = r"`A` must have a floating or complex dtype, got "
-INNER = r"inner dims differ: `A` of shape \(3, 2\) has mdim 2 columns but `B` of shape \(3, 4\) has 3 rows"
+INNER = r"inner dimensions differ: `A` of shape \(3, 2\) has mdim 2 columns but `B` of shape \(3, 4\) has 3 rows"
 SAME_DTYPE = r"`A` and `B` must have the same dtype, got A torch\.float64 and B torch\.float32; cast one"
-LEADING = r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) and `B` of shape \(3, 2, 4\); index or unsqueeze"
+LEADING = (
+    r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) and `B` of shape \(3, 2, 4\) \(sizes 2 and 3 "
+    r"mismatch at dim -3\); index or unsqueeze"
+)
 
 
 # --- construction ---------------------------------------------------------------------------------
@@ -39,7 +42,7 @@ LEADING = r"leading dims do not broadcast: `A` of shape \(2, 3, 2\) and `B` of s
         (torch.tensor(1.0, dtype=torch.float64), f64(1, 1), ValueError, r"`A` must have at least 2 dims"),
         (f64(3, 2), f64(3, 4), ValueError, INNER),
         (f64(2, 3, 2), f64(3, 2, 4), ValueError, LEADING),
-        (f64(2, 1, 3, 2), f64(4, 3, 2, 4), ValueError, r"leading dims do not broadcast"),
+        (f64(2, 1, 3, 2), f64(4, 3, 2, 4), ValueError, r"do not broadcast: .* \(sizes 2 and 4 mismatch at dim -4\)"),
         (f64(3, 2), torch.randn(2, 3), TypeError, SAME_DTYPE),
         (torch.randn(3, 2, dtype=torch.complex64), torch.randn(2, 3), TypeError, r"same dtype"),
         (f64(3, 2), f64(2, 3).to("meta"), ValueError, r"same device, got A on cpu and B on meta"),
@@ -202,9 +205,9 @@ BATCH_MISMATCH = r"leading dims do not broadcast: FactoredMatrix of shape \(2, 5
 @pytest.mark.parametrize(
     "op, match",
     [
-        (lambda fm: fm @ f64(3, 4, 2), BATCH_MISMATCH + r"\(3, 4, 2\); index or unsqueeze"),
-        (lambda fm: f64(3, 2, 5) @ fm, BATCH_MISMATCH + r"\(3, 2, 5\); index or unsqueeze"),
-        (lambda fm: fm @ make_fm((3, 4, 2), (2, 6)), BATCH_MISMATCH + r"\(3, 4, 6\); index or unsqueeze"),
+        (lambda fm: fm @ f64(3, 4, 2), BATCH_MISMATCH + r"\(3, 4, 2\) \(sizes 2 and 3 mismatch at dim -3\); index or"),
+        (lambda fm: f64(3, 2, 5) @ fm, BATCH_MISMATCH + r"\(3, 2, 5\) \(sizes 2 and 3 mismatch at dim -3\); index or"),
+        (lambda fm: fm @ make_fm((3, 4, 2), (2, 6)), BATCH_MISMATCH + r"\(3, 4, 6\) \(sizes 2 and 3 mismatch at dim -3\)"),
     ],
     ids=["matrix", "rmatrix", "factored"],
 )
@@ -248,8 +251,8 @@ def test_composition_scores_leading_dims_that_do_not_broadcast():
     left = FactoredMatrix(*make_factors((2, 4, 3), (3, 5)))
     right = FactoredMatrix(*make_factors((3, 5, 3), (3, 4)))
     message = (
-        r"leading dims do not broadcast: `left` of shape \(2, 4, 5\) and `right` of shape \(3, 5, 4\); "
-        r"pass `broadcast_dims=True`"
+        r"leading dims do not broadcast: `left` of shape \(2, 4, 5\) and `right` of shape \(3, 5, 4\) "
+        r"\(sizes 2 and 3 mismatch at dim -3\); pass `broadcast_dims=True`"
     )
     with pytest.raises(ValueError, match=message):
         composition_scores(left, right, broadcast_dims=False)
@@ -258,7 +261,7 @@ def test_composition_scores_leading_dims_that_do_not_broadcast():
 
 def test_float_tensor_index_is_refused():
     fm = make_fm((5, 3), (3, 4))
-    with pytest.raises(IndexError, match=r"tensor indices must be integers, got torch.float32 at dim 0"):
+    with pytest.raises(IndexError, match=r"tensor indices must be integers or booleans, got torch\.float32\."):
         fm[torch.tensor([0.0, 1.0])]
 
 
@@ -266,3 +269,96 @@ def test_add_diagonal_needs_a_tensor():
     fm = make_fm((4, 3), (3, 4))
     with pytest.raises(TypeError, match=r"`diag` must be a torch.Tensor, got float; use add_jitter for a number"):
         fm.add_diagonal(1.0)
+
+
+# --- TransformerLens's exception classes, kept as second bases -----------------------------------
+@pytest.mark.parametrize(
+    "call, clear, legacy, match",
+    [
+        (lambda: FactoredMatrix(f64(3, 2), f64(3, 4)), ValueError, AssertionError, INNER),
+        (lambda: make_fm((5, 3), (3, 4)) @ make_fm((5, 2), (2, 3)), ValueError, AssertionError, "which needs 4 rows"),
+        (lambda: make_fm((5, 3), (3, 4)) @ f64(5, 2), ValueError, AssertionError, "which needs 4 rows"),
+        (lambda: f64(2, 4) @ make_fm((5, 3), (3, 4)), ValueError, AssertionError, "which needs 5 columns"),
+        (lambda: make_fm((5, 3), (3, 4)).BA, ValueError, AssertionError, r"BA needs a square product"),
+        (lambda: make_fm((5, 3), (3, 4)).eigenvalues, ValueError, AssertionError, "eigenvalues needs a square"),
+        (lambda: make_fm((5, 3), (3, 4)).eigvals(), ValueError, AssertionError, "eigvals needs a square"),
+        (lambda: make_fm((5, 3), (3, 4)) * f64(2), ValueError, AssertionError, NOT_SCALAR),
+        (lambda: f64(2, 2) * make_fm((5, 3), (3, 4)), ValueError, AssertionError, NOT_SCALAR),
+        (lambda: FactoredMatrix(f64(9, 5, 3), f64(2, 4, 3, 7)), ValueError, RuntimeError, r"sizes 9 and 4 mismatch"),
+        (lambda: make_fm((2, 5, 3), (3, 4)) @ f64(4, 4, 2), ValueError, RuntimeError, r"do not broadcast"),
+        (lambda: FactoredMatrix(f64(3, 2), torch.randn(2, 3)), TypeError, RuntimeError, SAME_DTYPE),
+        (lambda: FactoredMatrix(f64(3, 2), f64(2, 3).to("meta")), ValueError, RuntimeError, "same device"),
+    ],
+    ids=["inner", "fm_at_fm", "fm_at_matrix", "matrix_at_fm", "BA", "eigenvalues", "eigvals", "mul", "rmul",
+         "broadcast", "matmul_broadcast", "dtype", "device"],
+)
+def test_transformer_lens_exception_classes(call, clear, legacy, match):
+    # Both the clear class and TransformerLens's (AssertionError / RuntimeError) catch the error.
+    for cls in (clear, legacy):
+        with pytest.raises(cls, match=match):
+            call()
+
+
+def test_error_classes_are_exported_from_errors():
+    from lowrank_op import errors
+
+    assert issubclass(errors.NotSquareError, errors.ShapeMismatchError)
+    for cls, bases in [
+        (errors.ShapeMismatchError, (ValueError, AssertionError)),
+        (errors.BroadcastError, (ValueError, RuntimeError)),
+        (errors.DtypeMismatchError, (TypeError, RuntimeError)),
+        (errors.DeviceMismatchError, (ValueError, RuntimeError)),
+    ]:
+        assert all(issubclass(cls, base) for base in bases), cls
+
+
+# --- product operands -----------------------------------------------------------------------------
+OPERAND_TYPE = r"a product needs a torch\.Tensor, a FactoredMatrix or a LinearOperator operand, got "
+
+
+@pytest.mark.parametrize(
+    "op, exc, match",
+    [
+        (lambda fm: fm @ np.ones((4, 2)), TypeError, OPERAND_TYPE + r"ndarray; convert it with torch\.as_tensor\(other, dtype=torch\.float32"),
+        (lambda fm: np.ones((2, 5)) @ fm, TypeError, OPERAND_TYPE + r"ndarray"),
+        (lambda fm: fm @ [[1.0, 2.0]] * 4, TypeError, OPERAND_TYPE + r"list"),
+        (lambda fm: [1.0] * 5 @ fm, TypeError, OPERAND_TYPE + r"list"),
+        (lambda fm: fm.matmul(np.ones(4)), TypeError, OPERAND_TYPE + r"ndarray"),
+        (lambda fm: fm.matmul("x"), TypeError, OPERAND_TYPE + r"str"),
+        (lambda fm: fm.matmul(torch.ones(4, 2, dtype=torch.float64)), TypeError,
+         r"dtypes differ in a product: FactoredMatrix of dtype torch\.float32 and operand of dtype torch\.float64; cast one"),
+        (lambda fm: fm @ torch.ones(4, dtype=torch.float64), TypeError, r"dtypes differ in a product"),
+        (lambda fm: fm.matmul(torch.ones(5, 2)), ValueError, r"operand of shape \(5, 2\), which needs 4 rows"),
+        (lambda fm: fm.matmul(torch.ones(3)), ValueError, r"operand of shape \(3,\), which needs 4 entries"),
+        (lambda fm: fm @ torch.empty(4, 3, device="meta"), ValueError,
+         r"devices differ in a product: FactoredMatrix on cpu and operand on meta; move one, e\.g\. operand\.to\('cpu'\)"),
+        (lambda fm: torch.empty(3, 5, device="meta") @ fm, ValueError, r"devices differ in a product"),
+        (lambda fm: fm.matmul(torch.empty(4, device="meta")), ValueError, r"devices differ in a product"),
+        (lambda fm: fm @ FactoredMatrix(torch.ones(4, 2, device="meta"), torch.ones(2, 3, device="meta")), ValueError,
+         r"devices differ in a product"),
+    ],
+    ids=["ndarray", "r_ndarray", "list", "r_list", "matmul_ndarray", "matmul_str", "matmul_dtype", "vector_dtype",
+         "matmul_rows", "matmul_entries", "meta", "r_meta", "matmul_meta", "fm_meta"],
+)
+def test_product_operand_errors(op, exc, match):
+    fm = make_fm((5, 3), (3, 4), torch.float32)
+    with pytest.raises(exc, match=match):
+        op(fm)
+
+
+@pytest.mark.parametrize("dim", [-1, -2, 3, 4, -5])
+def test_unsqueeze_inside_the_matrix_dims(dim):
+    fm = make_fm((2, 5, 3), (3, 4))
+    message = (
+        rf"`dim` must be a leading-dim position, -4 <= dim <= -3 or 0 <= dim <= 1, for a FactoredMatrix of "
+        rf"shape \(2, 5, 4\); got {dim}\. A new dim among the last two"
+    )
+    with pytest.raises(ValueError, match=message):
+        fm.unsqueeze(dim)
+
+
+def test_tensor_like_factor_needs_two_dims():
+    from test_transformer_lens_parity import TensorLike
+
+    with pytest.raises(ValueError, match=r"`B` must have at least 2 dims \(\.\.\., rows, cols\), got shape \(3,\)"):
+        FactoredMatrix(f64(2, 3), TensorLike(f64(3)))

@@ -57,8 +57,17 @@ def test_properties(shape, dtype):
     A, B = make_factors(*shape, dtype=dtype)
     fm = FactoredMatrix(A, B)
     M = dense(A, B)
-    assert fm.A is A and fm.B is B
-    assert fm.pair[0] is A and fm.pair[1] is B and len(fm.pair) == 2
+    # Computations use the factors as given; the public A, B (and pair) are broadcast views, as in
+    # TransformerLens.
+    assert fm._A is A and fm._B is B
+    for public, given in ((fm.A, A), (fm.B, B)):
+        assert public.shape == (*M.shape[:-2], *given.shape[-2:])
+        assert torch.equal(public, given.expand(public.shape))
+        assert public.data_ptr() == given.data_ptr(), "a view, not a copy"
+        if public.shape == given.shape:
+            assert public is given
+    assert torch.equal(fm.pair[0], fm.A) and torch.equal(fm.pair[1], fm.B) and len(fm.pair) == 2
+    assert fm.has_leading_dims == (A.dim() > 2 or B.dim() > 2)
     assert (fm.ldim, fm.mdim, fm.rdim) == (A.shape[-2], A.shape[-1], B.shape[-1])
     assert fm.shape == M.shape and fm.size() == M.shape
     assert fm.ndim == M.dim() == fm.dim()
@@ -111,10 +120,12 @@ def test_svd(shape, method, dtype):
 @shape_params
 def test_U_S_Vh_V(shape, dtype):
     fm = make_fm(*shape, dtype=dtype)
-    U, S, Vh = fm.U, fm.S, fm.Vh
-    check_svd(U, S, Vh, fm.A, fm.B)
-    assert fm.V is fm.Vh, "V is the same tensor as Vh"
-    assert fm.U is fm.svd()[0] and fm.Vh is fm.svd()[2]
+    U, S, V = fm.U, fm.S, fm.V
+    check_svd(U, S, V, fm.A, fm.B)
+    with pytest.warns(DeprecationWarning, match=r"Vh returns V .* use \.V"):
+        Vh = fm.Vh
+    assert Vh is V, "Vh is a deprecated alias of V"
+    assert fm.U is fm.svd()[0] and fm.V is fm.svd()[2]
     assert_scaled_close(fm.S, fm.svd()[1].double(), scale_of(fm.A, fm.B), tol(dtype), "S vs svd()[1]")
     assert_scaled_close(fm.svdvals(), fm.svd()[1].double(), scale_of(fm.A, fm.B), tol(dtype), "svdvals")
 
@@ -197,15 +208,32 @@ def test_collapse_l_and_r(shape, dtype):
 # --- eigenvalues, norm, trace ---------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @square_params
-def test_eigenvalues(shape, dtype):
+def test_eigvals(shape, dtype):
+    # eigvals(): sorted by descending modulus, the mdim - ldim extra ones exact zeros.
     fm = make_fm(*shape, dtype=dtype)
-    ev = fm.eigenvalues
+    ev = fm.eigvals()
     M = dense(fm.A, fm.B)
     assert ev.shape == (*fm.batch_shape, fm.mdim)
     assert ev.dtype.is_complex and ev.dtype.to_real() == real_dtype(dtype)
     assert bool((ev.abs()[..., :-1] >= ev.abs()[..., 1:]).all())
+    if fm.mdim > fm.ldim:
+        assert bool((ev[..., fm.ldim :] == 0).all())
     ref = dense_eigenvalues_padded(M, fm.mdim)
+    assert_scaled_close(match_multiset(ev, ref), ref, scale_of(fm.A, fm.B), tol(dtype, "eig"), "eigvals")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@square_params
+def test_eigenvalues(shape, dtype):
+    # eigenvalues: TransformerLens's, the eigenvalues of the mdim x mdim B @ A (LAPACK's order, which
+    # is not asserted), 16-bit factors giving complex64.
+    fm = make_fm(*shape, dtype=dtype)
+    ev = fm.eigenvalues
+    assert ev.shape == (*fm.batch_shape, fm.mdim)
+    assert ev.dtype.is_complex and ev.dtype.to_real() == real_dtype(dtype)
+    ref = torch.linalg.eigvals(dense(fm.B, fm.A))
     assert_scaled_close(match_multiset(ev, ref), ref, scale_of(fm.A, fm.B), tol(dtype, "eig"), "eigenvalues")
+    assert fm.eigenvalues is ev, "cached"
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -512,7 +540,7 @@ def test_gradcheck_svd_gauge_invariant(method):
 @pytest.mark.parametrize("a_shape, b_shape", [((4, 3), (3, 4)), ((3, 5), (5, 3)), ((2, 4, 4), (4, 4))])
 def test_gradcheck_eigenvalues(a_shape, b_shape):
     A, B = _leaf(*a_shape, seed=0), _leaf(*b_shape, seed=100)
-    ev = FactoredMatrix(A, B).eigenvalues.detach()
+    ev = FactoredMatrix(A, B).eigvals().detach()
     assert bool((ev.imag != 0).any()), "each case includes a complex pair"
     # Distinct eigenvalues, and distinct moduli apart from conjugate pairs, so that the order by
     # modulus cannot change under gradcheck's perturbations.
@@ -526,7 +554,7 @@ def test_gradcheck_eigenvalues(a_shape, b_shape):
     assert bool((conj | (mod_gap > 1e-2)).all())
 
     def fn(a, b):
-        values = FactoredMatrix(a, b).eigenvalues
+        values = FactoredMatrix(a, b).eigvals()
         return values.real, values.imag
 
     assert torch.autograd.gradcheck(fn, (A, B))

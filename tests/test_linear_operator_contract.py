@@ -21,15 +21,25 @@ Overrides of shipped tests, each because of a documented TransformerLens meaning
   shipped test runs in its ``cholesky`` mode, which asserts that CG is not called. Values are
   compared as shipped.
 
+- ``test_getitem`` and ``test_getitem_tensor_index``: the ``fm[...]`` syntax follows TransformerLens
+  (an int on a row or column dim keeps that dim; lists or 1-D tensors on both pick a sub-matrix),
+  where the shipped tests expect torch's meaning (the dim dropped; entries picked). linear_operator's
+  meaning is its ``LinearOperator.__getitem__`` over this class's ``_getitem`` / ``_get_indices``
+  hooks, which is what linear_operator and GPyTorch use internally; the overrides run the shipped
+  tests unchanged with ``fm[...]`` routed to it, and then check the TransformerLens meaning of the
+  same indices against the dense product. (``test_getitem_broadcasted_tensor_index`` is not
+  overridden: index grids mean the same under both, see :mod:`lowrank_op._indexing`.)
+
 Nothing else is overridden.
 """
 
 from __future__ import annotations
 
 import unittest
+from unittest.mock import patch
 
 import torch
-from linear_operator.operators import to_dense
+from linear_operator.operators import LinearOperator, to_dense
 from linear_operator.test.linear_operator_test_case import (
     LinearOperatorTestCase,
     RectangularLinearOperatorTestCase,
@@ -64,7 +74,38 @@ class _TransformerLensMatmul:
                 self.assertAllClose(arg.grad, arg_copy.grad, **self.tolerances["matmul"])
 
 
-class _Rectangular(_TransformerLensMatmul, RectangularLinearOperatorTestCase):
+class _TransformerLensIndexing:
+    """The shipped getitem tests through linear_operator's ``__getitem__`` (the hooks), then
+    ``fm[...]``'s TransformerLens meaning on the same kinds of index."""
+
+    def _tl_meaning(self):
+        linear_op = self.create_linear_op()
+        evaluated = self.evaluate_linear_op(linear_op)
+        lead = (0,) * (linear_op.dim() - 2)
+        rows, cols = torch.tensor([0, 1, 0, 2]), torch.tensor([1, 2, 0, 1])
+        for index, expected in [
+            ((*lead, 1, slice(0, 2)), evaluated[(*lead, slice(1, 2), slice(0, 2))]),
+            ((..., slice(1, None), 2), evaluated[..., 1:, 2:3]),
+            ((..., -1, -1), evaluated[..., -1:, -1:]),
+            ((..., rows, cols), evaluated[..., rows, :][..., cols]),
+            ((..., rows, slice(None)), evaluated[..., rows, :]),
+        ]:
+            res = linear_op[index]
+            self.assertIsInstance(res, FactoredMatrix)
+            self.assertAllClose(res.to_dense(), expected)
+
+    def test_getitem(self):
+        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+            super().test_getitem()
+        self._tl_meaning()
+
+    def test_getitem_tensor_index(self):
+        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+            super().test_getitem_tensor_index()
+        self._tl_meaning()
+
+
+class _Rectangular(_TransformerLensIndexing, _TransformerLensMatmul, RectangularLinearOperatorTestCase):
     seed = 0
     a_shape: tuple[int, ...] = ()
     b_shape: tuple[int, ...] = ()
@@ -94,7 +135,7 @@ class TestRectangularBroadcastFactors(_Rectangular, unittest.TestCase):
     a_shape, b_shape = (2, 1, 5, 3), (3, 3, 6)
 
 
-class _SymmetricPositiveDefinite(_TransformerLensMatmul, LinearOperatorTestCase):
+class _SymmetricPositiveDefinite(_TransformerLensIndexing, _TransformerLensMatmul, LinearOperatorTestCase):
     """``L @ L^T`` with a wide ``L`` (mdim > n): square, symmetric, positive definite."""
 
     seed = 0
@@ -122,3 +163,32 @@ class TestSymmetricPositiveDefinite(_SymmetricPositiveDefinite, unittest.TestCas
 
 class TestSymmetricPositiveDefiniteBatch(_SymmetricPositiveDefinite, unittest.TestCase):
     root_shape = (3, 5, 7)
+
+
+# --- linear_operator's internal uses of indexing and squeeze keep its meaning ----------------------
+def test_apply_permutation_gets_linear_operators_meaning():
+    # Pivoted Cholesky (GPyTorch's preconditioner) indexes operators with broadcast index grids.
+    from linear_operator.utils.permutation import apply_permutation
+
+    fm = FactoredMatrix(torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    left = torch.stack([torch.randperm(6), torch.randperm(6)])
+    right = torch.randperm(6).expand(2, 6)
+    dense = fm.to_dense()
+    expected = torch.stack([dense[b][left[b]][:, right[b]] for b in range(2)])
+    torch.testing.assert_close(apply_permutation(fm, left, right), expected)
+    row = apply_permutation(fm, left[:, :1], right_permutation=None)
+    torch.testing.assert_close(row, torch.stack([dense[b][left[b, :1]] for b in range(2)]))
+
+
+def test_squeeze_keeps_linear_operators_meaning():
+    fm = FactoredMatrix(torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64))
+    dense = fm.to_dense()
+    batch = fm.squeeze(0)
+    assert isinstance(batch, FactoredMatrix) and batch.shape == (5, 1)
+    column = fm.squeeze(-1)
+    assert type(column) is torch.Tensor
+    torch.testing.assert_close(column, dense.squeeze(-1))
+    assert fm.squeeze(-2) is fm  # size 5: nothing to squeeze
+    torch.testing.assert_close(torch.squeeze(fm, -1), dense.squeeze(-1))
+    # fm[...] keeps the column dim (TransformerLens's meaning); squeeze drops it.
+    assert fm[..., 0].shape == (1, 5, 1)

@@ -573,7 +573,7 @@ def test_factors_are_validated():
     A, B = make_factors((40, 12), (12, 30))
     with pytest.raises(TypeError, match="`A` must be a torch.Tensor"):
         topk.svds(A.numpy(), B, 3)
-    with pytest.raises(ValueError, match="inner dims differ"):
+    with pytest.raises(ValueError, match="inner dimensions differ"):
         topk.eigs(A, B[:5], 3)
 
 
