@@ -262,7 +262,7 @@ class FactoredMatrix(LinearOperator):
         ----------
         method : {"auto", "householder", "cholqr2"}
             How the factors are orthogonalised. ``"auto"`` uses CholeskyQR2 on factors with at
-            least ``kernels.CHOLQR2_MIN_ASPECT`` rows per column and falls back to Householder QR
+            least ``settings.cholqr2_min_aspect`` rows per column and falls back to Householder QR
             by itself if CholeskyQR2 fails (rank-deficient or ill-conditioned factors);
             Householder otherwise. ``"cholqr2"`` raises RuntimeError instead of falling back.
 
