@@ -394,7 +394,7 @@ class FactoredMatrix(LinearOperator):
     def make_even(self) -> FactoredMatrix:
         """The same matrix as ``(U sqrt(S), sqrt(S) Vh^H)``: inner dim k, balanced factors."""
         U, S, Vh = self.svd()
-        root = S.sqrt()
+        root = kernels._safe_sqrt(S)  # derivative 0 (not infinite) at the zeros of a rank-deficient product
         return FactoredMatrix(U * root[..., None, :].to(U.dtype), root[..., :, None].to(Vh.dtype) * Vh.mH)
 
     def collapse_l(self) -> Tensor:

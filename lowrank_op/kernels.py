@@ -61,6 +61,14 @@ def promote(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(compute_dtype(t.dtype)) for t in tensors)
 
 
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of ``dtype`` (``dtype.to_real()``, which torch.compile cannot trace)."""
+    return _REAL.get(dtype, dtype)
+
+
 def _eye_like(X: Tensor, n: int) -> Tensor:
     return torch.eye(n, dtype=X.dtype, device=X.device)
 
@@ -78,7 +86,7 @@ def _balance(X: Tensor) -> tuple[Tensor, Tensor]:
     exact; ``e`` is clipped to keep ``2^e`` a normal number. Zero and non-finite members keep
     ``e = 0``. Cost ``O(numel)``.
     """
-    real = X.dtype.to_real()
+    real = _real_dtype(X.dtype)
     if X.shape[-1] == 0 or X.shape[-2] == 0:
         return X, torch.ones((*X.shape[:-2], 1, 1), dtype=real, device=X.device)
     amax = X.detach().abs().amax((-2, -1), keepdim=True)
@@ -231,8 +239,9 @@ def _cholqr2_flagged(X: Tensor, max_defect: float) -> tuple[Tensor, Tensor, Tens
     defect = torch.linalg.matrix_norm(G2 - eye)
     small = defect <= max_defect  # False for NaN
     R2, second_ok = _cholesky_upper_flagged(torch.where(_lift(small, G2.dim()), G2, eye))
-    ok = (first_ok & small & second_ok) | _nonfinite(X)
-    return W, _triangular_inverse(R2), (R2 @ R1) * scale, ok, first_ok, defect
+    nonfinite = _nonfinite(X)
+    ok = (first_ok & small & second_ok) | nonfinite
+    return W, _triangular_inverse(R2), _nan_where(nonfinite, (R2 @ R1) * scale), ok, first_ok, defect
 
 
 def _householder(X: Tensor, want_q: bool) -> _Side:
@@ -580,9 +589,10 @@ def svd_flagged(A: Tensor, B: Tensor, method: str = "householder") -> tuple[Tens
 
 # --- Norms and traces -----------------------------------------------------------------------------
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(max(x, 0))`` with derivative 0 at 0 (as ``torch.linalg.matrix_norm`` at a zero matrix)."""
+    """``sqrt(max(x, 0))`` with derivative 0 at 0 (as ``torch.linalg.matrix_norm`` at a zero matrix);
+    NaN stays NaN."""
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1).sqrt(), 0)
+    return torch.where(positive, torch.where(positive, x, 1).sqrt(), torch.where(torch.isnan(x), x, 0))
 
 
 def _gram_norm(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -593,7 +603,7 @@ def _gram_norm(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _qr_norm(A: Tensor, B: Tensor) -> Tensor:
-    C, _ = _core(A, B, "auto", what="norm")
+    C, _ = _core(A, B, "householder", what="norm")
     return torch.linalg.matrix_norm(C)
 
 
