@@ -127,7 +127,9 @@ class _FirstOrderOnly(torch.autograd.Function):
     """The identity, whose own backward raises: marks a gradient that must not be differentiated."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, what: str) -> Tensor:
+    def forward(ctx, x: Tensor, anchor: Tensor, what: str) -> Tensor:
+        # ``anchor`` (the factor the gradient belongs to) makes the result part of the graph even
+        # when ``x`` was computed from detached tensors only.
         ctx.what = what
         return x.clone()
 
@@ -136,11 +138,11 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise RuntimeError(_SECOND_ORDER_MESSAGE.format(what=ctx.what))
 
 
-def _first_order(grads: tuple, what: str) -> tuple:
+def _first_order(grads: tuple, anchors: tuple, what: str) -> tuple:
     """Gradients as computed, wrapped so that differentiating them again raises (create_graph)."""
     if not torch.is_grad_enabled():
         return grads
-    return tuple(None if g is None else _FirstOrderOnly.apply(g, what) for g in grads)
+    return tuple(None if g is None else _FirstOrderOnly.apply(g, a, what) for g, a in zip(grads, anchors))
 
 
 def _apply_basis(basis: tuple[Tensor | None, Tensor | None], Y: Tensor) -> Tensor:
@@ -173,21 +175,21 @@ class _ProjectedCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, B, R_A, R_B, W_A, T_A, W_B, T_B, what):
-        ctx.save_for_backward(R_A, R_B, W_A, T_A, W_B, T_B)
+        ctx.save_for_backward(A, B, R_A, R_B, W_A, T_A, W_B, T_B)
         ctx.what = what
         ctx.shapes = (A.shape, B.shape)
         return R_A @ R_B.mH
 
     @staticmethod
     def backward(ctx, gC):
-        R_A, R_B, W_A, T_A, W_B, T_B = ctx.saved_tensors
+        A, B, R_A, R_B, W_A, T_A, W_B, T_B = ctx.saved_tensors
         a_shape, b_shape = ctx.shapes
         dA = dB = None
         if ctx.needs_input_grad[0]:
             dA = _sum_to_shape(_apply_basis((W_A, T_A), gC @ R_B), a_shape)
         if ctx.needs_input_grad[1]:
             dB = _sum_to_shape(_apply_basis_h((W_B, T_B), R_A.mH @ gC), b_shape)
-        dA, dB = _first_order((dA, dB), ctx.what)
+        dA, dB = _first_order((dA, dB), (A, B), ctx.what)
         return dA, dB, None, None, None, None, None, None, None
 
 
@@ -512,7 +514,7 @@ class _SVDBackward(torch.autograd.Function):
             if Y is not None:
                 dB = dB + (A.mH @ U_pinv) @ Y.mH
             dB = _sum_to_shape(dB, B.shape)
-        dA, dB = _first_order((dA, dB), "SVD")
+        dA, dB = _first_order((dA, dB), (A, B), "SVD")
         return dA, dB, None, None, None
 
 
