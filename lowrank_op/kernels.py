@@ -20,9 +20,10 @@ Structure
   and picks the norm formula from its error estimate; each decision is reported to
   :func:`lowrank_op.choices.record` with the figures it compared. Thresholds are read at run time
   from :mod:`lowrank_op.settings`.
-* **Range.** Each factor is scaled by a power of two per batch member (exact) before any Gram
-  matrix or core is formed, and the scale is put back on the result, so float32 factors of size
-  ``1e-25`` or ``1e20`` give the representable ``S`` and norm.
+* **Range.** Before a Gram matrix is formed (CholeskyQR2, the Gram norm) the factor is scaled by
+  a power of two per batch member (exact) and the scale is put back on the result, so float32
+  factors of size ``1e-25`` or ``1e20`` give the representable ``S`` and norm. Householder QR
+  scales internally, and the core ``R_A R_B^H`` is as large as the product itself.
 * **Non-finite input.** LAPACK's ``geev`` crashes the process on NaN in float32 and complex
   inputs and the SVD and ``syevd`` drivers raise; every LAPACK call on data derived from the
   factors goes through a guard that hands LAPACK zeros for a batch member holding a NaN or
@@ -89,11 +90,33 @@ def _balance(X: Tensor) -> tuple[Tensor, Tensor]:
     real = _real_dtype(X.dtype)
     if X.shape[-1] == 0 or X.shape[-2] == 0:
         return X, torch.ones((*X.shape[:-2], 1, 1), dtype=real, device=X.device)
-    amax = X.detach().abs().amax((-2, -1), keepdim=True)
+    amax = torch.linalg.vector_norm(X.detach(), float("inf"), dim=(-2, -1), keepdim=True)
     exponent = torch.frexp(torch.where(torch.isfinite(amax), amax, 0)).exponent
     limit = math.frexp(torch.finfo(real).max)[1] - 2
     scale = torch.exp2(exponent.clamp(-limit, limit).to(real))
     return X / scale, scale
+
+
+def _gram_in_range(*diagonals: Tensor) -> bool:
+    """Whether Gram matrices with these diagonals (squared column norms, shape ``(..., m)``) were
+    formed without loss to underflow or overflow, so the factors need no balancing.
+
+    True when every batch member's largest entry, multiplied over the ``diagonals`` given, is
+    finite and within ``[tiny / eps^2, max * eps]``. Under ``torch.compile`` it is False without
+    looking (the balanced path is branch-free); in eager mode it synchronises once on an
+    ``m``-sized tensor, which saves a factor-sized pass in the common case.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    real = diagonals[0].real.dtype
+    finfo = torch.finfo(real)
+    size = None
+    for d in diagonals:
+        if d.shape[-1] == 0:
+            return True
+        top = d.real.amax(-1)
+        size = top if size is None else size * top
+    return bool(((size >= finfo.tiny / finfo.eps**2) & (size <= finfo.max * finfo.eps)).all())
 
 
 def _nonfinite(X: Tensor) -> Tensor:
@@ -233,15 +256,20 @@ def _cholqr2_flagged(X: Tensor, max_defect: float) -> tuple[Tensor, Tensor, Tens
     ``ok`` (their results are NaN). ``X`` is balanced by a power of two first, so the Gram matrices
     neither underflow nor overflow.
     """
-    Xs, scale = _balance(X)
-    R1, first_ok = _cholesky_upper_flagged(Xs.mH @ Xs)
+    G1 = X.mH @ X
+    if _gram_in_range(G1.diagonal(dim1=-2, dim2=-1)):
+        Xs, scale = X, torch.ones((), dtype=_real_dtype(X.dtype), device=X.device)
+    else:
+        Xs, scale = _balance(X)
+        G1 = Xs.mH @ Xs
+    nonfinite = ~torch.isfinite(G1).all(-1).all(-1)  # NaN or infinity in X reaches its Gram matrix
+    R1, first_ok = _cholesky_upper_flagged(G1)
     W = Xs @ _triangular_inverse(R1)
     G2 = W.mH @ W
     eye = _eye_like(G2, G2.shape[-1])
     defect = torch.linalg.matrix_norm(G2 - eye)
     small = defect <= max_defect  # False for NaN
     R2, second_ok = _cholesky_upper_flagged(torch.where(_lift(small, G2.dim()), G2, eye))
-    nonfinite = _nonfinite(X)
     ok = (first_ok & small & second_ok) | nonfinite
     return W, _triangular_inverse(R2), _nan_where(nonfinite, (R2 @ R1) * scale), ok, first_ok, defect
 
@@ -403,7 +431,7 @@ def _core(A: Tensor, B: Tensor, method: str, flagged: bool = False, what: str = 
 
 
 def _unbalance(S: Tensor, scale_A: Tensor, scale_B: Tensor) -> Tensor:
-    """Singular values (or a norm, ``trailing=0``) of the balanced product, scaled back."""
+    """Values ``(..., k)`` of the balanced product scaled back by the factors' scales."""
     return S * scale_A[..., 0] * scale_B[..., 0]
 
 
@@ -419,10 +447,8 @@ def _check_ortho_method(method: str, flagged: bool) -> None:
 def _svdvals(A: Tensor, B: Tensor, method: str, flagged: bool) -> tuple[Tensor, Tensor | None]:
     _check_ortho_method(method, flagged)
     A, B = promote(A, B)
-    A, scale_A = _balance(A)
-    B, scale_B = _balance(B)
     C, ok = _core(A, B, method, flagged)
-    S = _unbalance(_svdvals_safe(C), scale_A, scale_B)
+    S = _svdvals_safe(C)
     return (S if ok is None else _nan_where(~ok, S)), ok
 
 
@@ -460,18 +486,23 @@ def svdvals_flagged(A: Tensor, B: Tensor, method: str = "householder") -> tuple[
 class _SVDBackward(torch.autograd.Function):
     """``(U, S, V)`` of ``M = A @ B`` with the analytic SVD backward pulled back to the factors.
 
-    With ``J = U^H gU``, ``K = V^H gV`` and ``F_ij = 1 / (s_j^2 - s_i^2)`` off the diagonal,
+    The forward takes the core's ``U_c``, ``S``, ``V_c`` and the bases (all computed without
+    gradients) and forms ``U = Q_A U_c``, ``V = Q_B V_c``. With ``J = U^H gU``, ``K = V^H gV`` and
+    ``F_ij = 1 / (s_j^2 - s_i^2)`` off the diagonal, the backward is
     ``dM = U [(F o (J - J^H)) S + S (F o (K - K^H)) + diag(gS) + i diag(Im J) S^+] V^H
     + (gU - U J) S^+ V^H + U S^+ (gV - V K)^H``, where ``S^+`` inverts the singular values above
     ``max(ldim, rdim) * eps * s_1`` and zeroes the rest (as does ``F`` between two of those);
-    then ``dA = dM B^H`` and ``dB = A^H dM``, formed as products of ``U``, ``V`` and the factors,
-    ``O((ldim + rdim) mdim k)``, without differentiating a QR factorisation.
+    then ``dA = dM B^H`` and ``dB = A^H dM``, formed as four products of ``U``, ``V`` and the
+    factors, ``O((ldim + rdim) mdim k)``, without differentiating a QR factorisation.
     """
 
     @staticmethod
-    def forward(ctx, A, B, U, S, V):
+    def forward(ctx, A, B, W_A, T_A, U_c, S, W_B, T_B, V_c):
+        U = _apply_basis((W_A, T_A), U_c)
+        V = _apply_basis((W_B, T_B), V_c)
+        U, V = (U.clone() if U is U_c else U), (V.clone() if V is V_c else V)
         ctx.save_for_backward(A, B, U, S, V)
-        return U.clone(), S.clone(), V.clone()
+        return U, S.clone(), V
 
     @staticmethod
     def backward(ctx, gU, gS, gV):
@@ -489,55 +520,49 @@ class _SVDBackward(torch.autograd.Function):
         inner = torch.zeros((*S.shape, k), dtype=cdt, device=S.device)
         if gS is not None:
             inner = inner + torch.diag_embed(gS.to(cdt))
-        X = U.new_zeros(())
-        Y = None
+        X = None
         if gU is not None:
             J = U.mH @ gU
             inner = inner + (F * (J - J.mH)) * S[..., None, :].to(cdt)
             if cdt.is_complex:
                 inner = inner + torch.diag_embed(1j * J.diagonal(dim1=-2, dim2=-1).imag * S_pinv)
             X = (gU - U @ J) * S_pinv[..., None, :].to(cdt)
+        Z, Vy = U @ inner, V  # dM = Z Vy^H
+        if X is not None:
+            Z = Z + X
         if gV is not None:
             K = V.mH @ gV
-            inner = inner + S[..., :, None].to(cdt) * (F * (K - K.mH))
-            Y = gV - V @ K  # (..., rdim, k)
-        X = U @ inner + X
-        U_pinv = U * S_pinv[..., None, :].to(cdt)
+            Z = Z + U @ (S[..., :, None].to(cdt) * (F * (K - K.mH)))
+            Z = torch.cat([Z, U * S_pinv[..., None, :].to(cdt)], -1)
+            Vy = torch.cat([V, gV - V @ K], -1)
         dA = dB = None
         if ctx.needs_input_grad[0]:
-            dA = X @ (B @ V).mH
-            if Y is not None:
-                dA = dA + U_pinv @ (B @ Y).mH
-            dA = _sum_to_shape(dA, A.shape)
+            dA = _sum_to_shape(Z @ (B @ Vy).mH, A.shape)
         if ctx.needs_input_grad[1]:
-            dB = (A.mH @ X) @ V.mH
-            if Y is not None:
-                dB = dB + (A.mH @ U_pinv) @ Y.mH
-            dB = _sum_to_shape(dB, B.shape)
+            dB = _sum_to_shape((A.mH @ Z) @ Vy.mH, B.shape)
         dA, dB = _first_order((dA, dB), (A, B), "SVD")
-        return dA, dB, None, None, None
+        return dA, dB, None, None, None, None, None, None, None
 
 
 def _svd(A: Tensor, B: Tensor, method: str, flagged: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     _check_ortho_method(method, flagged)
     A, B = promote(A, B)
-    A, scale_A = _balance(A)
-    B, scale_B = _balance(B)
     grad = _needs_grad(A, B)
     with torch.no_grad() if grad else contextlib.nullcontext():
         Ad, Bd = (A.detach(), B.detach()) if grad else (A, B)
-        side_A, side_B, ok = _sides(Ad, Bd, method, want_q=True, flagged=flagged)
-        C, bad = _lapack_safe(side_A[2] @ side_B[2].mH)
+        (W_A, T_A, R_A), (W_B, T_B, R_B), ok = _sides(Ad, Bd, method, want_q=True, flagged=flagged)
+        C, bad = _lapack_safe(R_A @ R_B.mH)
         U_c, _, Vh_c = torch.linalg.svd(C, full_matrices=False)
         S = torch.linalg.svdvals(C)  # values-only: high relative accuracy on small singular values
-        U = _apply_basis(side_A[:2], U_c)
-        V = _apply_basis(side_B[:2], Vh_c.mH)
         if ok is not None:
             bad = bad | ~ok
-        U, S, V = _nan_where(bad, U), _nan_where(bad, S), _nan_where(bad, V)
+        # NaN in the small factors reaches every entry of U = Q_A U_c and V = Q_B V_c.
+        U_c, S, V_c = _nan_where(bad, U_c), _nan_where(bad, S), _nan_where(bad, Vh_c.mH)
     if grad:
-        U, S, V = _SVDBackward.apply(A, B, U, S, V)
-    return U, _unbalance(S, scale_A, scale_B), V, ok
+        U, S, V = _SVDBackward.apply(A, B, W_A, T_A, U_c, S, W_B, T_B, V_c)
+    else:
+        U, V = _apply_basis((W_A, T_A), U_c), _apply_basis((W_B, T_B), V_c)
+    return U, S, V, ok
 
 
 def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
@@ -564,7 +589,7 @@ def svd(A: Tensor, B: Tensor, method: str = "auto") -> tuple[Tensor, Tensor, Ten
 
     Notes
     -----
-    Each factor is scaled by a power of two (exact). ``A = Q_A R_A`` and ``B^H = Q_B R_B``; then
+    ``A = Q_A R_A`` and ``B^H = Q_B R_B``; then
     ``A B = Q_A (R_A R_B^H) Q_B^H`` and the SVD of the ``min(ldim, mdim) x min(rdim, mdim)`` core
     gives ``U = Q_A U_c``, ``V = Q_B V_c``. Cost ``O((ldim + rdim) mdim^2 + mdim^3)``; memory a
     few factor-sized buffers. ``S`` comes from a values-only SVD of the core, which keeps high
@@ -597,16 +622,18 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, x, 1).sqrt(), torch.where(torch.isnan(x), x, 0))
 
 
-def _gram_norm(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(norm, total, magnitude)``: the Gram formula and the figures of its error estimate."""
-    terms = (A.mH @ A) * (B @ B.mH).mT
+def _gram_norm(G_A: Tensor, G_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(norm, total, magnitude)`` from ``G_A = A^H A`` and ``G_B = B B^H``: the Gram formula and
+    the figures of its error estimate."""
+    terms = G_A * G_B.mT
     total = terms.sum((-2, -1)).real
     return _safe_sqrt(total), total, terms.abs().sum((-2, -1))
 
 
 def _qr_norm(A: Tensor, B: Tensor) -> Tensor:
     C, _ = _core(A, B, "householder", what="norm")
-    return torch.linalg.matrix_norm(C)
+    C, scale = _balance(C)  # matrix_norm squares the entries: keep them in range
+    return torch.linalg.matrix_norm(C) * scale[..., 0, 0]
 
 
 def frobenius_norm(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
@@ -635,12 +662,17 @@ def frobenius_norm(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
     """
     check_choice("method", method, NORM_METHODS)
     A, B = promote(A, B)
-    A, scale_A = _balance(A)
-    B, scale_B = _balance(B)
+    one = torch.ones((1, 1), dtype=_real_dtype(A.dtype), device=A.device)
+    scale_A = scale_B = one
     if method == "qr":
         norm = _qr_norm(A, B)
     else:
-        norm, total, magnitude = _gram_norm(A, B)
+        G_A, G_B = A.mH @ A, B @ B.mH
+        if not _gram_in_range(G_A.diagonal(dim1=-2, dim2=-1), G_B.diagonal(dim1=-2, dim2=-1)):
+            A, scale_A = _balance(A)
+            B, scale_B = _balance(B)
+            G_A, G_B = A.mH @ A, B @ B.mH
+        norm, total, magnitude = _gram_norm(G_A, G_B)
         if method == "auto":
             limit = settings.gram_norm_max_rel_error.value()
             eps = torch.finfo(total.dtype).eps
