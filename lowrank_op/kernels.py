@@ -502,11 +502,14 @@ class _SVDBackward(torch.autograd.Function):
         V = _apply_basis((W_B, T_B), V_c)
         U, V = (U.clone() if U is U_c else U), (V.clone() if V is V_c else V)
         ctx.save_for_backward(A, B, U, S, V)
+        ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None: skip their terms
         return U, S.clone(), V
 
     @staticmethod
     def backward(ctx, gU, gS, gV):
         A, B, U, S, V = ctx.saved_tensors
+        if gU is None and gS is None and gV is None:
+            return (None,) * 9
         k = S.shape[-1]
         cdt = U.dtype
         eps = torch.finfo(S.dtype).eps
