@@ -279,7 +279,7 @@ NAN_SCRIPT = textwrap.dedent(
             gen = torch.Generator().manual_seed(0)
             A = torch.randn(*shape[0], generator=gen).to(dtype)
             B = torch.randn(*shape[1], generator=gen).to(dtype)
-            for poison in (float("nan"), float("inf")):
+            for poison in (float("nan"), float("inf")) if dtype == torch.float32 else (float("nan"),):
                 A1 = A.clone()
                 A1[0, 1, 1] = poison
                 fm = FactoredMatrix(A1, B)
