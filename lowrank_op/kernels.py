@@ -253,8 +253,9 @@ def _cholqr2_flagged(X: Tensor, max_defect: float) -> tuple[Tensor, Tensor, Tens
     ``n x m`` product, ``W @ (T @ Y)``. ``ok`` is False where a Cholesky factorisation failed
     (``first_ok`` says whether the first did) or where the first pass's orthogonality defect
     ``|W^H W - I|_F`` (``defect``) exceeds ``max_defect``; members holding NaN or infinity count as
-    ``ok`` (their results are NaN). ``X`` is balanced by a power of two first, so the Gram matrices
-    neither underflow nor overflow.
+    ``ok`` (their results are NaN). When the Gram matrix's diagonal shows lost range (see
+    :func:`_gram_in_range`; always under ``torch.compile``), ``X`` is scaled by a power of two
+    per batch member and the Gram matrix formed again, so it neither underflows nor overflows.
     """
     G1 = X.mH @ X
     if _gram_in_range(G1.diagonal(dim1=-2, dim2=-1)):
@@ -299,7 +300,10 @@ def _cholqr2_cause(X: Tensor, ok: Tensor, first_ok: Tensor, defect: Tensor, max_
         )
     worst = float(torch.where(ok, 0, defect.nan_to_num(float("inf"))).max())
     if worst > max_defect:
-        return f"the first pass's orthogonality defect |Q^H Q - I|_F reached {worst:.3g} > cholqr2_max_defect {max_defect:g} on {failed}"
+        return (
+            f"the first pass's orthogonality defect |Q^H Q - I|_F reached {worst:.3g} > "
+            f"cholqr2_max_defect {max_defect:g} on {failed}"
+        )
     return f"the second Cholesky factorisation failed on {failed}"
 
 
@@ -339,7 +343,9 @@ def _factorise(X: Tensor, method: str, want_q: bool, name: str) -> _Side:
             "too ill-conditioned for a Gram-matrix method. Use `method='householder'` or "
             "`method='auto'` (which falls back by itself)."
         )
-    choices.record("orthogonalize", "householder", f"CholeskyQR2 on {name} of shape {tuple(X.shape)} fell back: {cause}.")
+    choices.record(
+        "orthogonalize", "householder", f"CholeskyQR2 on {name} of shape {tuple(X.shape)} fell back: {cause}."
+    )
     return _householder(X, want_q)
 
 
@@ -360,10 +366,10 @@ def orthogonalize(X: Tensor, method: str = "auto", want_q: bool = True) -> tuple
     X : Tensor, shape (..., n, m)
     method : {"auto", "householder", "cholqr2"}
         ``"householder"``: LAPACK's Householder QR, the reference. ``"cholqr2"``: CholeskyQR2
-        (Gram matrix, Cholesky, once more; ``X`` balanced by a power of two first), BLAS-3 only;
-        raises RuntimeError when a Cholesky fails or the first pass's orthogonality defect
-        ``|Q_1^H Q_1 - I|_F`` exceeds ``settings.cholqr2_max_defect`` (rank-deficient or
-        ill-conditioned ``X``). ``"auto"``: CholeskyQR2 when
+        (Gram matrix, Cholesky, once more; ``X`` scaled by a power of two where the Gram matrix
+        would lose range), BLAS-3 only; raises RuntimeError when a Cholesky fails or the first
+        pass's orthogonality defect ``|Q_1^H Q_1 - I|_F`` exceeds ``settings.cholqr2_max_defect``
+        (rank-deficient or ill-conditioned ``X``). ``"auto"``: CholeskyQR2 when
         ``n >= settings.cholqr2_min_aspect * m``, falling back to Householder by itself (and
         recording why in :mod:`lowrank_op.choices`) when CholeskyQR2 fails; Householder otherwise.
     want_q : bool
@@ -416,7 +422,9 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _core(A: Tensor, B: Tensor, method: str, flagged: bool = False, what: str = "singular values") -> tuple[Tensor, Tensor | None]:
+def _core(
+    A: Tensor, B: Tensor, method: str, flagged: bool = False, what: str = "singular values"
+) -> tuple[Tensor, Tensor | None]:
     """``(C, ok)``: the core ``C = R_A R_B^H`` (at most ``mdim x mdim``) with ``A @ B = Q_A C Q_B^H``.
 
     When gradients are recorded, the factorisations run without them and ``C`` carries the
@@ -657,11 +665,15 @@ def frobenius_norm(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
 
     Notes
     -----
-    Each factor is scaled by a power of two first (exact), so float32 factors of size ``1e-25``
-    or ``1e20`` neither underflow nor overflow in the Gram matrices. ``"gram"`` and ``"qr"`` are
-    branch-free (they compile with ``fullgraph=True``); ``"auto"`` synchronises once. The gradient
-    at a zero product is 0 (as ``torch.linalg.matrix_norm``'s); through ``"qr"`` it is first order
-    only (see :class:`_ProjectedCore`).
+    When the Gram matrices' diagonals show lost range (``max diag(A^H A) * max diag(B B^H)``
+    outside ``[tiny / eps^2, max * eps]``, or non-finite), each factor is scaled by a power of two
+    per batch member (exact) and the Gram matrices are formed again, so float32 factors of size
+    ``1e-25`` or ``1e20`` give the representable norm. That check synchronises once in eager
+    mode; under ``torch.compile`` the factors are always scaled, and ``"gram"`` and ``"qr"``
+    capture with ``fullgraph=True``; ``"auto"`` synchronises once more for its choice. The QR
+    core of ``"qr"`` always runs Householder QR. The gradient at a zero product is 0 (as
+    ``torch.linalg.matrix_norm``'s); through ``"qr"`` it is first order only (see
+    :class:`_ProjectedCore`); through ``"gram"`` second derivatives are ordinary autograd.
     """
     check_choice("method", method, NORM_METHODS)
     A, B = promote(A, B)
@@ -682,10 +694,14 @@ def frobenius_norm(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
             ok = eps * magnitude <= limit * total
             ratio = eps * magnitude.detach() / total.detach().clamp_min(torch.finfo(total.dtype).tiny)
             estimate = float(ratio.max()) if ratio.numel() else 0.0
-            if bool(ok.all()):
-                choices.record("norm", "gram", f"estimated relative error of the Gram formula {estimate:.3g} <= gram_norm_max_rel_error = {limit:g}.")
-            else:
-                choices.record("norm", "qr", f"estimated relative error of the Gram formula {estimate:.3g} > gram_norm_max_rel_error = {limit:g}.")
+            gram = bool(ok.all())
+            choices.record(
+                "norm",
+                "gram" if gram else "qr",
+                f"estimated relative error of the Gram formula {estimate:.3g} "
+                f"{'<=' if gram else '>'} gram_norm_max_rel_error = {limit:g}.",
+            )
+            if not gram:
                 norm = _qr_norm(A, B)
     return _unbalance(norm[..., None], scale_A, scale_B)[..., 0]
 
