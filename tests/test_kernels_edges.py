@@ -313,3 +313,32 @@ def test_non_finite_members_give_nan_without_crashing_lapack():
     result = subprocess.run([sys.executable, "-c", NAN_SCRIPT], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"crashed with return code {result.returncode}: {result.stderr[-2000:]}"
     assert "BAD []" in result.stdout, result.stdout[-2000:]
+
+
+# --- empty dims and 16-bit gradients ---------------------------------------------------------------------
+@pytest.mark.parametrize("a_shape, b_shape", [((0, 3), (3, 4)), ((4, 0), (0, 5)), ((2, 6, 3), (3, 0)), ((0, 5, 2), (2, 5))])
+def test_empty_dims_give_empty_or_zero_results_with_gradients(a_shape, b_shape):
+    A, B = make_factors(a_shape, b_shape, torch.float64)
+    A.requires_grad_(True)
+    k = min(a_shape[-2], a_shape[-1], b_shape[-1])
+    lead = torch.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    U, S, V = kernels.svd(A, B)
+    assert U.shape == (*lead, a_shape[-2], k) and S.shape == (*lead, k) and V.shape == (*lead, b_shape[-1], k)
+    assert kernels.svdvals(A, B).shape == (*lead, k)
+    for method in ("auto", "gram", "qr"):
+        n = kernels.frobenius_norm(A, B, method)
+        assert n.shape == lead and bool((n == 0).all())
+        (g,) = torch.autograd.grad(n.sum() + kernels.svdvals(A, B).sum(), A)
+        assert g.shape == A.shape and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_singular_value_gradients_match_dense(dtype):
+    A, B = make_factors((2, 9, 3), (3, 7), dtype, seed=3)
+    A[0, :, 2] = 0
+    got = grads(lambda a, b: FactoredMatrix(a, b).S.pow(2).sum() + FactoredMatrix(a, b).norm().sum(), A, B)
+    ref = grads(lambda a, b: torch.linalg.svdvals(a @ b).pow(2).sum() + torch.linalg.matrix_norm(a @ b).sum(), A.double(), B.double())
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype
+        scale = float(r.abs().max())
+        assert bool(((g.double() - r).abs() <= 4 * torch.finfo(dtype).eps * scale).all())
