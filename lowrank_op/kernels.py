@@ -74,9 +74,10 @@ def _eye_like(X: Tensor, n: int) -> Tensor:
     return torch.eye(n, dtype=X.dtype, device=X.device)
 
 
-def _lift(flags: Tensor, ndim: int) -> Tensor:
-    """``flags`` of shape ``(...)`` with trailing size-1 dims added up to ``ndim`` dims."""
-    return flags.reshape(flags.shape + (1,) * (ndim - flags.dim()))
+def _lift(flags: Tensor, trailing: int) -> Tensor:
+    """``flags`` of shape ``(...)`` with ``trailing`` size-1 dims appended, so that it broadcasts
+    (right-aligned) against a batch of vectors (1) or matrices (2)."""
+    return flags.reshape(flags.shape + (1,) * trailing)
 
 
 # --- Guards: range and non-finite entries ---------------------------------------------------------
@@ -129,13 +130,14 @@ def _nonfinite(X: Tensor) -> Tensor:
 def _lapack_safe(X: Tensor) -> tuple[Tensor, Tensor]:
     """``(X with non-finite batch members zeroed, their mask)``: what LAPACK may safely see."""
     bad = _nonfinite(X)
-    return torch.where(_lift(bad, X.dim()), torch.zeros((), dtype=X.dtype, device=X.device), X), bad
+    return torch.where(_lift(bad, 2), torch.zeros((), dtype=X.dtype, device=X.device), X), bad
 
 
-def _nan_where(bad: Tensor, Y: Tensor) -> Tensor:
-    """``Y`` with the batch members flagged in ``bad`` (shape ``(...)``) set to NaN."""
+def _nan_where(bad: Tensor, Y: Tensor, trailing: int) -> Tensor:
+    """``Y`` (a batch of vectors, ``trailing=1``, or matrices, 2) with the batch members flagged in
+    ``bad`` (shape broadcasting to ``Y``'s leading dims) set to NaN."""
     nan = torch.full((), float("nan"), dtype=Y.dtype, device=Y.device)
-    return torch.where(_lift(bad, Y.dim()), nan, Y)
+    return torch.where(_lift(bad, trailing), nan, Y)
 
 
 # --- First-order-only gradients -------------------------------------------------------------------
@@ -236,7 +238,7 @@ def _cholesky_upper_flagged(G: Tensor) -> tuple[Tensor, Tensor]:
     batch member), the identity where it fails. Branch-free."""
     L, info = torch.linalg.cholesky_ex(G)
     ok = (info == 0) & torch.isfinite(L).all(-1).all(-1)
-    return torch.where(_lift(ok, G.dim()), L, _eye_like(G, G.shape[-1])).mH, ok
+    return torch.where(_lift(ok, 2), L, _eye_like(G, G.shape[-1])).mH, ok
 
 
 def _triangular_inverse(R: Tensor) -> Tensor:
@@ -270,9 +272,9 @@ def _cholqr2_flagged(X: Tensor, max_defect: float) -> tuple[Tensor, Tensor, Tens
     eye = _eye_like(G2, G2.shape[-1])
     defect = torch.linalg.matrix_norm(G2 - eye)
     small = defect <= max_defect  # False for NaN
-    R2, second_ok = _cholesky_upper_flagged(torch.where(_lift(small, G2.dim()), G2, eye))
+    R2, second_ok = _cholesky_upper_flagged(torch.where(_lift(small, 2), G2, eye))
     ok = (first_ok & small & second_ok) | nonfinite
-    return W, _triangular_inverse(R2), _nan_where(nonfinite, (R2 @ R1) * scale), ok, first_ok, defect
+    return W, _triangular_inverse(R2), _nan_where(nonfinite, (R2 @ R1) * scale, 2), ok, first_ok, defect
 
 
 def _householder(X: Tensor, want_q: bool) -> _Side:
@@ -445,7 +447,7 @@ def _unbalance(S: Tensor, scale_A: Tensor, scale_B: Tensor) -> Tensor:
 
 def _svdvals_safe(C: Tensor) -> Tensor:
     C, bad = _lapack_safe(C)
-    return _nan_where(bad, torch.linalg.svdvals(C))
+    return _nan_where(bad, torch.linalg.svdvals(C), 1)
 
 
 def _check_ortho_method(method: str, flagged: bool) -> None:
@@ -457,7 +459,7 @@ def _svdvals(A: Tensor, B: Tensor, method: str, flagged: bool) -> tuple[Tensor, 
     A, B = promote(A, B)
     C, ok = _core(A, B, method, flagged)
     S = _svdvals_safe(C)
-    return (S if ok is None else _nan_where(~ok, S)), ok
+    return (S if ok is None else _nan_where(~ok, S, 1)), ok
 
 
 def svdvals(A: Tensor, B: Tensor, method: str = "auto") -> Tensor:
@@ -568,7 +570,7 @@ def _svd(A: Tensor, B: Tensor, method: str, flagged: bool) -> tuple[Tensor, Tens
         if ok is not None:
             bad = bad | ~ok
         # NaN in the small factors reaches every entry of U = Q_A U_c and V = Q_B V_c.
-        U_c, S, V_c = _nan_where(bad, U_c), _nan_where(bad, S), _nan_where(bad, Vh_c.mH)
+        U_c, S, V_c = _nan_where(bad, U_c, 2), _nan_where(bad, S, 1), _nan_where(bad, Vh_c.mH, 2)
     if grad:
         U, S, V = _SVDBackward.apply(A, B, W_A, T_A, U_c, S, W_B, T_B, V_c)
     else:
@@ -752,7 +754,7 @@ def eigvals(A: Tensor, B: Tensor) -> Tensor:
         values = _pad_zeros(values, mdim)
     else:
         values, bad = _eigvals_safe(B @ A)
-    return _nan_where(bad, _sort_by_magnitude(values))
+    return _nan_where(bad, _sort_by_magnitude(values), 1)
 
 
 def reverse_product_eigvals(A: Tensor, B: Tensor) -> Tensor:
@@ -766,7 +768,7 @@ def reverse_product_eigvals(A: Tensor, B: Tensor) -> Tensor:
     """
     A, B = promote(A, B)
     values, bad = _eigvals_safe(B @ A)
-    return _nan_where(bad, values)
+    return _nan_where(bad, values, 1)
 
 
 def _balance_inner(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -861,13 +863,13 @@ def symeig(A: Tensor, B: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Te
         evals = torch.linalg.eigvalsh(T)
         if Q is not None:
             evals = torch.sort(_pad_zeros(evals, n), -1).values
-        return _nan_where(bad, evals), None
+        return _nan_where(bad, evals, 1), None
     evals, W = torch.linalg.eigh(T)
     if Q is None:
-        return _nan_where(bad, evals), _nan_where(bad, W)
+        return _nan_where(bad, evals, 1), _nan_where(bad, W, 2)
     evals = _pad_zeros(evals, n)
     evecs = torch.cat([Q @ W, Q_full[..., mdim:]], -1)
     order = torch.sort(evals, dim=-1, stable=True).indices
     evals = torch.gather(evals, -1, order)
     evecs = torch.gather(evecs, -1, order.unsqueeze(-2).expand(evecs.shape))
-    return _nan_where(bad, evals), _nan_where(bad, evecs)
+    return _nan_where(bad, evals, 1), _nan_where(bad, evecs, 2)

@@ -68,3 +68,18 @@ def test_flagged_kernels_take_explicit_methods_only():
         kernels.svd_flagged(A, B, "auto")
     with pytest.raises(ValueError, match=r"`method` must be one of 'householder', 'cholqr2'; got 'auto'"):
         kernels.svdvals_flagged(A, B, "auto")
+
+
+def test_flagged_kernels_broadcast_flags_over_unequal_batch_ranks():
+    # A's flags have A's batch shape (3,); the results have the broadcast shape (2, 3).
+    A, B = make_factors((3, 24, 2), (2, 3, 2, 2), torch.float64)  # B is not tall: only A is factorised
+    A[1, 0, 0] = float("nan")
+    S, ok = kernels.svdvals_flagged(A, B, "cholqr2")
+    U, S2, V, ok2 = kernels.svd_flagged(A, B, "cholqr2")
+    assert S.shape == S2.shape == (2, 3, 2) and ok.shape == ok2.shape == (3,) and bool(ok.all())
+    assert torch.isnan(S).all(-1).tolist() == [[False, True, False]] * 2
+    assert torch.isnan(U).all(-1).all(-1).tolist() == [[False, True, False]] * 2
+    ref = torch.linalg.svdvals(torch.nan_to_num(A) @ B)[..., :2]
+    ref[:, 1] = float("nan")
+    torch.testing.assert_close(S, ref, equal_nan=True)
+    torch.testing.assert_close(S2, ref, equal_nan=True)
