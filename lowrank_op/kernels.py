@@ -31,7 +31,8 @@ Structure
 * **Gradients.** ``S`` and the norm differentiate through a core projected on orthonormal
   bases held constant (exact to first order; no QR backward, so rank-deficient and zero factors
   give finite gradients); :func:`svd` has an analytic backward for ``(U, S, V)`` pulled back to
-  the factors. Both are first-order only: a second derivative raises a RuntimeError that says so.
+  the factors (both in :mod:`lowrank_op._autograd`). Both are first-order only: a second
+  derivative raises a RuntimeError that says so.
 """
 
 from __future__ import annotations
