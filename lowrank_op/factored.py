@@ -285,7 +285,7 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         ----------
         method : {"auto", "householder", "cholqr2"}
             How the factors are orthogonalised. ``"auto"`` uses CholeskyQR2 on factors with at
-            least ``kernels.CHOLQR2_MIN_ASPECT`` rows per column and falls back to Householder QR
+            least ``settings.cholqr2_min_aspect`` rows per column and falls back to Householder QR
             by itself if CholeskyQR2 fails (rank-deficient or ill-conditioned factors);
             Householder otherwise. ``"cholqr2"`` raises RuntimeError instead of falling back.
 
@@ -299,9 +299,13 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         Notes
         -----
         QR of ``A`` and of ``B^H``, then the SVD of the small ``R_A R_B^H`` core; see
-        :func:`lowrank_op.kernels.svd`. Cost ``O((ldim + rdim) mdim^2 + mdim^3)``. Gradients flow
-        through all three outputs; through ``U`` and ``Vh`` they are undefined at repeated
-        singular values. 16-bit factors give float32 results.
+        :func:`lowrank_op.kernels.svd`. Cost ``O((ldim + rdim) mdim^2 + mdim^3)``. Every
+        ``"auto"`` choice (and a CholeskyQR2 fallback, with its cause) is reported to
+        :mod:`lowrank_op.choices`; the thresholds are in :mod:`lowrank_op.settings`. Gradients
+        flow through all three outputs by an analytic backward (no QR backward): through ``S``
+        they are finite on rank-deficient factors, through ``U`` and ``Vh`` they are undefined at
+        repeated singular values. First order only: a second derivative raises RuntimeError.
+        16-bit factors give float32 results; a batch member holding NaN or infinity gives NaN.
 
         Warns
         -----
@@ -316,7 +320,12 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return result
 
     def svdvals(self, method: str = "auto") -> Tensor:
-        """Singular values, shape ``(..., k)``, descending, without forming U or V."""
+        """Singular values, shape ``(..., k)``, descending, without forming U or V.
+
+        ``method`` as for :meth:`svd`; see :func:`lowrank_op.kernels.svdvals`. Gradients are exact
+        to first order and finite on rank-deficient and zero factors (the backward projects on
+        orthonormal bases held constant); a second derivative raises RuntimeError.
+        """
         decomposition = self._cache.get(f"svd:{method}", (self._A, self._B))
         if decomposition is not None:
             return decomposition[1]
@@ -498,8 +507,12 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
     def norm(self, method: str = "auto") -> Tensor:
         """Frobenius norm, shape ``(...)``, from two ``mdim x mdim`` Gram matrices (no SVD).
 
-        ``method`` is one of ``"auto"``, ``"gram"``, ``"qr"``; see
-        :func:`lowrank_op.kernels.frobenius_norm` for the ``"auto"`` rule.
+        ``method`` is one of ``"auto"``, ``"gram"``, ``"qr"``. ``"auto"`` takes the Gram formula
+        unless its estimated relative error exceeds ``settings.gram_norm_max_rel_error``, then
+        the QR core (recorded in :mod:`lowrank_op.choices`); see
+        :func:`lowrank_op.kernels.frobenius_norm`. Factors of extreme scale (float32 ``1e-25``,
+        ``1e20``) neither underflow nor overflow; the gradient at a zero product is 0, as
+        ``torch.linalg.matrix_norm``'s.
         """
         return kernels.frobenius_norm(self._A, self._B, method=method)
 
@@ -509,9 +522,13 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         return kernels.trace(self._A, self._B)
 
     def make_even(self) -> FactoredMatrix:
-        """The same matrix as ``(U sqrt(S), sqrt(S) Vh^H)``: inner dim k, balanced factors."""
+        """The same matrix as ``(U sqrt(S), sqrt(S) Vh^H)``: inner dim k, balanced factors.
+
+        From :meth:`svd`. ``sqrt`` has derivative 0 at the zero singular values of a rank-deficient
+        product, so gradients stay finite there.
+        """
         U, S, Vh = self.svd()
-        root = S.sqrt()
+        root = kernels._safe_sqrt(S)  # derivative 0 (not infinite) at the zeros of a rank-deficient product
         return FactoredMatrix(U * root[..., None, :].to(U.dtype), root[..., :, None].to(Vh.dtype) * Vh.mH)
 
     def collapse_l(self) -> Tensor:

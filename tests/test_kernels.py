@@ -28,20 +28,12 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank_op import kernels
+from lowrank_op import choices, kernels, settings
 
 
-class QRSpy:
-    """Wraps ``torch.linalg.qr`` and counts its calls."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self._qr = torch.linalg.qr
-        monkeypatch.setattr(torch.linalg, "qr", self)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self._qr(*args, **kwargs)
+def methods(log, operation="orthogonalize"):
+    """The methods an ``"auto"`` rule recorded for ``operation``, in order."""
+    return [c.method for c in log if c.operation == operation]
 
 
 def cancelling_factors(dtype: torch.dtype, delta: float, seed: int = 0):
@@ -92,14 +84,14 @@ def test_orthogonalize_reconstructs(shape, method, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
-def test_cholqr2_taken_on_well_conditioned_tall_factor(dtype, monkeypatch):
+def test_cholqr2_taken_on_well_conditioned_tall_factor(dtype):
     X = with_condition(64, 4, 10.0, torch.float64).to(dtype)
-    spy = QRSpy(monkeypatch)
-    Q, R = kernels.orthogonalize(X, "auto")
-    assert spy.calls == 0, "method='auto' on a well-conditioned tall factor must use CholeskyQR2"
-    direct = kernels._cholqr2(X)
-    assert direct is not None
-    W, T, R_direct = direct
+    with choices.recorded() as log:
+        Q, R = kernels.orthogonalize(X, "auto")
+    assert methods(log) == ["cholqr2"], "method='auto' on a well-conditioned tall factor must use CholeskyQR2"
+    assert "16 rows per column" in log[0].reason and "cholqr2_min_aspect = 4" in log[0].reason
+    W, T, R_direct, ok, _, _ = kernels._cholqr2_flagged(X, settings.cholqr2_max_defect.value())
+    assert bool(ok)
     torch.testing.assert_close(Q, W @ T)
     torch.testing.assert_close(R, R_direct)
     assert_orthonormal(Q, tol(dtype, "ortho"), "Q")
@@ -120,41 +112,43 @@ HARD_TALL_FACTORS = {
 
 
 @pytest.mark.parametrize("name", HARD_TALL_FACTORS)
-def test_cholqr2_fails_cleanly_and_auto_falls_back(name, monkeypatch):
+def test_cholqr2_fails_cleanly_and_auto_falls_back(name):
     X = HARD_TALL_FACTORS[name]()
-    assert kernels._cholqr2(X) is None
+    assert not bool(kernels._cholqr2_flagged(X, settings.cholqr2_max_defect.value())[3])
     with pytest.raises(RuntimeError, match="householder"):
         kernels.orthogonalize(X, "cholqr2")
-    spy = QRSpy(monkeypatch)
-    Q, R = kernels.orthogonalize(X, "auto")
-    assert spy.calls == 1, "method='auto' must fall back to Householder QR"
+    with choices.recorded() as log:
+        Q, R = kernels.orthogonalize(X, "auto")
+    assert methods(log) == ["cholqr2", "householder"], "method='auto' must fall back to Householder QR"
+    assert "fell back" in log[1].reason and ("Cholesky" in log[1].reason or "defect" in log[1].reason)
     Xr = X.double()
     assert_scaled_close(Q.double() @ R.double(), Xr, max(float(torch.linalg.matrix_norm(Xr)), 1.0), tol(X.dtype), "Q R")
     assert_orthonormal(Q, tol(X.dtype, "ortho"), "Q")
 
 
 @pytest.mark.parametrize("name", HARD_TALL_FACTORS)
-def test_svd_auto_falls_back_on_hard_tall_factors(name, monkeypatch):
+def test_svd_auto_falls_back_on_hard_tall_factors(name):
     A = HARD_TALL_FACTORS[name]()
     B = make_factors((1, 1), (A.shape[-1], 30), A.dtype, seed=3)[1]
     with pytest.raises(RuntimeError, match="householder"):
         kernels.svd(A, B, method="cholqr2")
     with pytest.raises(RuntimeError, match="householder"):
         kernels.svdvals(A, B, method="cholqr2")
-    spy = QRSpy(monkeypatch)
-    U, S, V = kernels.svd(A, B, method="auto")
-    assert spy.calls >= 1
+    with choices.recorded() as log:
+        U, S, V = kernels.svd(A, B, method="auto")
+    # A falls back; B^H (5 x 30... or 30 x n) is not tall enough for CholeskyQR2 or is not factorised.
+    assert methods(log)[:2] == ["cholqr2", "householder"]
     check_svd(U, S, V, A, B)
     S_ref = torch.linalg.svdvals(dense(A, B))[: S.shape[-1]]
     assert_scaled_close(kernels.svdvals(A, B, "auto"), S_ref, scale_of(A, B), tol(A.dtype), "svdvals")
 
 
-def test_svd_cholqr2_taken_on_tall_factors(monkeypatch):
+def test_svd_cholqr2_taken_on_tall_factors():
     A, B = make_factors((2, 40, 4), (4, 33), torch.float64)
-    spy = QRSpy(monkeypatch)
-    U, S, V = kernels.svd(A, B, "auto")
-    S2 = kernels.svdvals(A, B, "auto")
-    assert spy.calls == 0
+    with choices.recorded() as log:
+        U, S, V = kernels.svd(A, B, "auto")
+        S2 = kernels.svdvals(A, B, "auto")
+    assert methods(log) == ["cholqr2"] * 4  # A and B^H, for each call
     check_svd(U, S, V, A, B)
     assert_scaled_close(S2, S.double(), scale_of(A, B), tol(A.dtype), "svdvals")
 
@@ -255,30 +249,28 @@ def test_frobenius_norm_matches_dense(shape, method, dtype):
 
 
 @pytest.mark.parametrize("dtype, delta, rtol", [(torch.float64, 1e-7, 1e-8), (torch.float32, 1e-3, 1e-4)])
-def test_frobenius_norm_auto_switches_to_qr_when_product_cancels(dtype, delta, rtol, monkeypatch):
+def test_frobenius_norm_auto_switches_to_qr_when_product_cancels(dtype, delta, rtol):
     A, B = cancelling_factors(dtype, delta)
     ref = torch.linalg.matrix_norm(dense(A, B))
     assert float(ref / scale_of(A, B)) < 10 * delta  # the construction cancels
     gram = kernels.frobenius_norm(A, B, "gram")
     # The Gram formula really is inaccurate here, so the test below can tell the paths apart.
     assert float((gram.double() - ref).abs() / ref) > 10 * rtol
-    calls = []
-    core = kernels._core
-    monkeypatch.setattr(kernels, "_core", lambda *a, **k: calls.append(1) or core(*a, **k))
-    auto = kernels.frobenius_norm(A, B, "auto")
-    assert calls, "norm(method='auto') must switch to the QR core when the Gram terms cancel"
+    with choices.recorded() as log:
+        auto = kernels.frobenius_norm(A, B, "auto")
+    assert methods(log, "norm") == ["qr"], "norm(method='auto') must switch to the QR core when the Gram terms cancel"
+    assert "> gram_norm_max_rel_error = 1e-06" in log[0].reason
     assert float((auto.double() - ref).abs() / ref) < rtol
     qr = kernels.frobenius_norm(A, B, "qr")
     assert float((qr.double() - ref).abs() / ref) < rtol
 
 
-def test_frobenius_norm_auto_stays_on_gram_without_cancellation(monkeypatch):
+def test_frobenius_norm_auto_stays_on_gram_without_cancellation():
     A, B = make_factors((3, 30, 4), (4, 25), torch.float32)
-    calls = []
-    core = kernels._core
-    monkeypatch.setattr(kernels, "_core", lambda *a, **k: calls.append(1) or core(*a, **k))
-    n = kernels.frobenius_norm(A, B, "auto")
-    assert not calls
+    with choices.recorded() as log:
+        n = kernels.frobenius_norm(A, B, "auto")
+    assert methods(log, "norm") == ["gram"] and methods(log) == []
+    assert "<= gram_norm_max_rel_error = 1e-06" in log[0].reason
     assert_scaled_close(n, torch.linalg.matrix_norm(dense(A, B)), scale_of(A, B), tol(A.dtype), "norm")
 
 
