@@ -30,3 +30,13 @@ class KrylovFailure(RuntimeError):
 
 class BudgetExceeded(KrylovFailure):
     """A Krylov solver applied the operator more often than its budget allowed."""
+
+
+# --- The circuits command's inputs ----------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read as a model: a malformed safetensors file, a layout this package
+    does not read, a missing, misshapen or non-finite tensor, or misnumbered layers."""
+
+
+class NonFiniteResultError(RuntimeError):
+    """A computation on finite inputs gave NaN or infinity: it overflowed its working precision."""
