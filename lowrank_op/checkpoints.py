@@ -103,7 +103,8 @@ class AttentionWeights:
         Where the number of heads came from.
     tensor_names : dict
         For messages: the checkpoint's name of each of ``W_E, W_Q, W_K, W_V, W_O, W_U``, with
-        ``{i}`` for the layer (``"h.{i}.attn.c_attn.weight"``); empty for the random model.
+        ``{i}`` for the layer (``"h.{i}.attn.c_attn.weight"``); ``W_U`` is named as ``W_E`` when
+        tied. Empty for the random model.
     """
 
     W_E: Tensor
@@ -440,7 +441,7 @@ def count_layers(names, prefix: str, spec: dict) -> int:
         missing = _spans_text(gaps)
         raise CheckpointError(
             f"the layers must be numbered 0 to n-1 without gaps, but the checkpoint's {n} layers are numbered "
-            f"{_ranges(present)} (e.g. `{first_name[stray]}`): layers {missing} are missing. Remove or "
+            f"{_ranges(present)} (e.g. `{first_name[stray]}`), so these are missing: {missing}. Remove or "
             "renumber the stray tensors."
         )
     return n
@@ -600,7 +601,7 @@ def load_safetensors(
     except SafetensorError as err:  # a header this module accepts but safetensors does not (e.g. overlaps)
         raise CheckpointError(f"safetensors cannot read the file: {err}.") from None
     templates = [prefix + t for t in spec["layer"]]
-    tensor_names = {"W_E": embed, "W_U": unembed or f"{embed} (tied)"}
+    tensor_names = {"W_E": embed, "W_U": unembed or embed}
     if layout == "gpt2":
         tensor_names.update(W_Q=templates[0], W_K=templates[0], W_V=templates[0], W_O=templates[1])
     else:

@@ -200,7 +200,7 @@ def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
         eigenvalues = kernels.eigvals(A, B)
     except torch.linalg.LinAlgError as err:  # finite factors whose core overflows can fail to converge
         raise NonFiniteResultError(
-            f"{what}'s decomposition failed ({err}); its factors are finite, so their product "
+            f"{what}: the decomposition failed ({err}); the factors are finite, so their product "
             f"overflowed {str(A.dtype).removeprefix('torch.')}: compute in float64 (--dtype float64), or "
             "check the weights' scale."
         ) from None

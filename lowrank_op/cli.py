@@ -251,16 +251,23 @@ def _split_time(parts: list[tuple[str, float]], total: float) -> str:
 
 
 def _memory_line(increase: int, peak_reset: bool, weights: checkpoints.AttentionWeights, layer_factor_bytes: int) -> str:
+    """The analysis' peak increase, and its ratio to one layer's circuit factors and to the weights
+    where those are at least ``MEMORY_RATIO_MIN_BYTES`` (a plain statement where they are not)."""
     note = "" if peak_reset else " (peak counter could not be reset: includes loading)"
     line = f"increase during analysis: {_size(increase)}{note}"
     layer = f"one layer's circuit factors ({_size(layer_factor_bytes)}: A and B of one circuit, {weights.n_heads} heads)"
     used = f"the weights used ({_size(weights.nbytes)})"
-    ratios = [f"{increase / size:.2f} x {what}" for size, what in ((layer_factor_bytes, layer), (weights.nbytes, used))
-              if size >= MEMORY_RATIO_MIN_BYTES]
-    if len(ratios) == 2:
-        return f"{line} = {ratios[0]} = {ratios[1]}"
-    return (f"{line}; {layer} and {used} are below {_size(MEMORY_RATIO_MIN_BYTES)}, too small for a ratio to "
-            "mean anything: the reading itself moves by a few MiB")
+    small = []
+    for size, what in ((layer_factor_bytes, layer), (weights.nbytes, used)):
+        if size >= MEMORY_RATIO_MIN_BYTES:
+            line += f" = {increase / size:.2f} x {what}"
+        else:
+            small.append(what)
+    if small:
+        line += (f"; {' and '.join(small)} {'is' if len(small) == 1 else 'are'} below "
+                 f"{_size(MEMORY_RATIO_MIN_BYTES)}, too small for a ratio to mean anything (a resident-memory "
+                 "reading moves by a few MiB of its own)")
+    return line
 
 
 def run_circuits(args, parser) -> int:
