@@ -177,7 +177,7 @@ def _move_into_place(staging: Path, out: Path) -> list[Path]:
     return [out / name for name in names]
 
 
-class CommandFailure(Exception):
+class _CommandFailure(Exception):
     """The command cannot go on; its message is printed as one ``error:`` line (exit status 1)."""
 
 
@@ -212,7 +212,7 @@ def _one_line(text: str) -> str:
 
 
 def _load(args) -> checkpoints.AttentionWeights:
-    """The weights; CommandFailure naming the file and the problem when they cannot be had."""
+    """The weights; _CommandFailure naming the file and the problem when they cannot be had."""
     dtype = DTYPES[args.dtype]
     if args.weights is None:
         shape = args.random_shape or checkpoints.GPT2_SMALL_SHAPE
@@ -222,9 +222,9 @@ def _load(args) -> checkpoints.AttentionWeights:
     try:
         return checkpoints.load_safetensors(path, n_heads=args.n_heads, dtype=dtype)
     except (ValueError, ImportError) as err:  # CheckpointError is a ValueError
-        raise CommandFailure(f"{path}: {err}") from None
+        raise _CommandFailure(f"{path}: {err}") from None
     except OSError as err:
-        raise CommandFailure(f"{path}: cannot be read ({err.strerror or err}).") from None
+        raise _CommandFailure(f"{path}: cannot be read ({err.strerror or err}).") from None
 
 
 def _size(n: int | None) -> str:
@@ -295,7 +295,7 @@ def run_circuits(args, parser) -> int:
         torch.set_num_threads(args.threads)
     try:
         return _circuits(args, parser, start)
-    except CommandFailure as err:
+    except _CommandFailure as err:
         print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
 
@@ -322,7 +322,7 @@ def _circuits(args, parser, start: float) -> int:
     try:
         report = circuits.analyze(weights, on_layer=progress)
     except (ValueError, NonFiniteResultError) as err:
-        raise CommandFailure(f"{where}{err}") from None
+        raise _CommandFailure(f"{where}{err}") from None
     finally:
         progress.close()
     analysed = time.perf_counter()
@@ -362,7 +362,7 @@ def _circuits(args, parser, start: float) -> int:
         written = _move_into_place(staging, args.out)
         staging = None
     except OSError as err:
-        raise CommandFailure(f"cannot write the outputs to `--out` {str(args.out)!r}: "
+        raise _CommandFailure(f"cannot write the outputs to `--out` {str(args.out)!r}: "
                              f"{err.strerror or err} ({getattr(err, 'filename', None) or 'no file name'}).") from None
     finally:
         if staging is not None:

@@ -274,17 +274,18 @@ def test_spectra_plots_use_one_stated_scale_and_distinct_lines(tmp_path, saved_f
     from lowrank_op.checkpoints import random_weights
     from lowrank_op.circuits import analyze
 
-    weights = random_weights(n_layers=2, n_heads=12, d_model=24, d_vocab=30)
+    n_layers, n_heads = (1, 2) if zero else (2, 12)
+    weights = random_weights(n_layers=n_layers, n_heads=n_heads, d_model=2 * n_heads, d_vocab=30)
     if zero:
-        weights = dataclasses.replace(weights, W_E=torch.zeros_like(weights.W_E), W_U=torch.zeros(24, 30))
+        weights = dataclasses.replace(weights, W_E=torch.zeros_like(weights.W_E), W_U=torch.zeros(2 * n_heads, 30))
     circuit_report.write_plots(tmp_path, analyze(weights), weights)
     for name in circuit_report.SPECTRA_NAMES.values():
         axes = _spectra_axes(saved_figures[name])
-        assert len(axes) == 2
+        assert len(axes) == n_layers
         assert {ax.get_yscale() for ax in axes} == {"linear" if zero else "log"}
         assert axes[0].get_ylabel() == ("singular value s_i (linear: all are 0)" if zero else
                                         "singular value s_i (log scale)")
         looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in axes[0].get_lines()}
-        assert len(looks) == 12
+        assert len(looks) == n_heads
         legend = saved_figures[name].legends[0]
-        assert [t.get_text() for t in legend.get_texts()] == [f"head {h}" for h in range(12)]
+        assert [t.get_text() for t in legend.get_texts()] == [f"head {h}" for h in range(n_heads)]
