@@ -162,10 +162,11 @@ def write_json(path: Path, report: CircuitReport, weights: AttentionWeights, top
 
 # --- Plots ----------------------------------------------------------------------------------------
 def import_matplotlib():
-    """The ``matplotlib`` module (with ``matplotlib.figure`` loaded), or None when it is not installed."""
+    """The ``matplotlib`` module (with ``matplotlib.figure`` and ``.ticker`` loaded), or None when it is not installed."""
     try:
         import matplotlib
         import matplotlib.figure
+        import matplotlib.ticker
     except ImportError:
         return None
     return matplotlib
@@ -182,8 +183,7 @@ def write_plots(out: Path, report: CircuitReport, weights: AttentionWeights) -> 
     Figure = mpl.figure.Figure
     label = f"{LAYOUT_NAMES[weights.layout]} model ({weights.n_layers} layers x {weights.n_heads} heads, d_vocab {weights.d_vocab})"
     return [_heatmap(Figure, out / HEATMAP_NAME, report, label)] + [
-        _spectra(Figure, mpl.colormaps["tab10"], out / SPECTRA_NAMES[name], getattr(report, name).singular_values,
-                 name, label)
+        _spectra(mpl, out / SPECTRA_NAMES[name], getattr(report, name).singular_values, name, label)
         for name in ("ov", "qk")
     ]
 
@@ -221,7 +221,8 @@ def _heatmap(Figure, path: Path, report: CircuitReport, label: str) -> Path:
     return path
 
 
-def _spectra(Figure, cmap, path: Path, singular_values, name: str, label: str) -> Path:
+def _spectra(mpl, path: Path, singular_values, name: str, label: str) -> Path:
+    Figure, cmap = mpl.figure.Figure, mpl.colormaps["tab10"]
     values = singular_values.double().numpy()
     n_layers, n_heads, k = values.shape
     ncols = min(4, n_layers)
@@ -232,6 +233,9 @@ def _spectra(Figure, cmap, path: Path, singular_values, name: str, label: str) -
     shown = values.copy()
     if log_scale:
         shown[shown <= 0] = math.nan  # zeros have no place on a log axis: left out
+        positive = values[values > 0]
+        narrow = positive.max() < 10 * positive.min()  # within a decade: label the minor ticks too
+        plain = mpl.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
     marks = max(1, k // 8)  # about 8 markers per line, enough to tell the styles apart
     for layer, ax in enumerate(axes.flat):
         if layer >= n_layers:
@@ -244,6 +248,9 @@ def _spectra(Figure, cmap, path: Path, singular_values, name: str, label: str) -
                     label=f"head {head}")
         if log_scale:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            if narrow:
+                ax.yaxis.set_minor_formatter(plain)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

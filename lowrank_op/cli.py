@@ -356,9 +356,9 @@ def _circuits(args, parser, start: float) -> int:
                   "plots_s": plotted - reported}
         timing["other_s"] = time.perf_counter() - start - sum(timing.values())
         timing["total_s"] = sum(timing.values())
-        timing["note"] = "up to writing this file; the parts add up to total_s"
         circuit_report.write_json(staging / circuit_report.JSON_NAME, report, weights, args.top_k,
-                                  {"settings": settings, "timing_s": timing, "memory": memory})
+                                  {"settings": settings, "timing_s": timing, "memory": memory,
+                                   "timing_note": "seconds, up to writing this file; the parts add up to total_s"})
         written = _move_into_place(staging, args.out)
         staging = None
     except OSError as err:

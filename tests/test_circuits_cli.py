@@ -189,7 +189,9 @@ def test_wall_time_parts_add_up_and_json_timing_too(tmp_path, capsys):
     assert code == 0
     tenths = [round(float(x) * 10) for x in WALL.search(out).groups()]
     assert tenths[0] == sum(tenths[1:])
-    timing = json.loads((tmp_path / circuit_report.JSON_NAME).read_text())["timing_s"]
+    document = json.loads((tmp_path / circuit_report.JSON_NAME).read_text())
+    timing = document["timing_s"]
+    assert "add up to total_s" in document["timing_note"]
     parts = ["load_s", "analysis_s", "table_and_csv_s", "plots_s", "other_s"]
     assert all(timing[p] >= 0 for p in parts)
     assert sum(timing[p] for p in parts) == pytest.approx(timing["total_s"], rel=1e-12)
