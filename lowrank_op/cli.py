@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(run=run_circuits, command_parser=c)  # errors then show the subcommand's usage
-    c.epilog = ("Exit status: 0 on success; 2 for a misused option (with the usage); 1 when the input or the "
-                "output fails (a malformed or non-finite checkpoint, an overflow, an unwritable --out), with one "
-                "'error:' line. --out is created or updated only when every output has been written.")
+    c.epilog = ("Exit status: 0 on success; 2 for a misused option, with the usage (an --out that cannot be "
+                "written is found so, before loading); 1 when the input or the output fails (a malformed or "
+                "non-finite checkpoint, an overflow, a failure to write the outputs), with one 'error:' line. "
+                "--out is created or updated only when every output has been written.")
     return parser
 
 
@@ -134,7 +135,7 @@ def check_out_dir(out: Path) -> None:
     """
     target = out if out.exists() else _nearest_existing(out)
     if not target.is_dir():
-        raise _unwritable(out, f"{target} is a file" if target.exists() else "no such place")
+        raise _unwritable(out, f"{target} is a file")
     try:
         with tempfile.TemporaryFile(dir=target):
             pass

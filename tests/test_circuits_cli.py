@@ -159,6 +159,20 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, capsys, out_dir, monke
     assert _snapshot(out_dir) == before and "wrote" not in out
 
 
+def test_an_unreadable_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
+    from lowrank_op import checkpoints
+
+    path = write_checkpoint(tmp_path / "ckpt", _gpt2_tensors(), {"n_head": 2})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints, "read_safetensors_header", denied)
+    code, _, err = _run(BASE + ["--weights", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert _error_line(err).endswith(f"error: {path}: cannot be read (Permission denied).")
+
+
 def test_outputs_are_moved_into_place_on_success(tmp_path, capsys, out_dir):
     existed = out_dir.exists()
     code, out, _ = _run(BASE + ["--random-shape", "1,2,8,20", "--out", str(out_dir)], capsys)
