@@ -293,10 +293,13 @@ def test_what_only_safetensors_refuses_is_translated(tmp_path):
 
 
 def test_header_entries_and_metadata(tmp_path):
-    header, _ = split_safetensors(_valid_file(tmp_path))
-    got = read_safetensors_header(_valid_file(tmp_path))
-    assert "__metadata__" not in got and set(got) == set(header) - {"__metadata__"}
+    header, data = split_safetensors(_valid_file(tmp_path))
+    path = tmp_path / "valid" / "with_metadata.safetensors"
+    path.write_bytes(join_safetensors({"__metadata__": {"format": "pt"}, **header}, data))
+    got = read_safetensors_header(path)
+    assert "__metadata__" not in got and set(got) == set(header)
     assert got["wte.weight"].dtype == "F32" and got["wte.weight"].shape == (40, 16)
+    assert load_safetensors(path).d_vocab == 40
 
 
 # --- Layer numbering ----------------------------------------------------------------------------------
