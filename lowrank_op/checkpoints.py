@@ -28,12 +28,15 @@ a checkpoint is read. :func:`random_weights` needs nothing beyond torch.
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lowrank_op.errors import CheckpointError
 
 #: Heads are assumed to have this width when neither ``n_heads`` nor a config.json says otherwise
 #: (GPT-2 small/medium/large/XL and BERT-base/large all use 64).
@@ -65,9 +68,18 @@ _BERT = {
 LAYOUTS = {"gpt2": _GPT2, "bert": _BERT}
 LAYOUT_NAMES = {"gpt2": "GPT-2", "bert": "BERT", "random": "random"}
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is in no layout this module reads, or lacks or misshapes a tensor."""
+#: safetensors' dtypes and their bits per element (the format's own list, as of safetensors 0.8).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "U32": 32, "I32": 32, "U64": 64, "I64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8, "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "C64": 64,
+}
+#: The dtypes a weight may have here: real floating types that torch widens exactly.
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: safetensors refuses headers longer than this (its ``MAX_HEADER_SIZE``), and so does this reader.
+MAX_HEADER_BYTES = 100_000_000
+#: A layer index with more digits than this cannot be a layer (and is not converted to an int).
+_MAX_INDEX_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,10 @@ class AttentionWeights:
         Whether ``W_U`` is ``W_E^T``.
     n_heads_source : str
         Where the number of heads came from.
+    tensor_names : dict
+        For messages: the checkpoint's name of each of ``W_E, W_Q, W_K, W_V, W_O, W_U``, with
+        ``{i}`` for the layer (``"h.{i}.attn.c_attn.weight"``); ``W_U`` is named as ``W_E`` when
+        tied. Empty for the random model.
     """
 
     W_E: Tensor
@@ -101,6 +117,7 @@ class AttentionWeights:
     source: str
     tied: bool
     n_heads_source: str = ""
+    tensor_names: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         d_vocab, d_model = self.W_E.shape
@@ -197,6 +214,8 @@ def resolve_n_heads(d_model: int, n_heads: int | None = None, weights_path: str 
         When the value does not divide ``d_model``, the flag disagrees with config.json, or no
         value is given and ``d_model`` is not a multiple of ``DEFAULT_D_HEAD``.
     """
+    if not _is_positive_int(d_model):
+        raise ValueError(f"`d_model` must be a positive integer, got {d_model!r}: a model of width 0 has no heads.")
     if n_heads is not None and not _is_positive_int(n_heads):
         raise ValueError(f"`n_heads` (--n-heads) must be a positive integer, got {n_heads!r}.")
     from_config, config = read_config_n_heads(weights_path) if weights_path is not None else (None, None)
@@ -228,13 +247,118 @@ def resolve_n_heads(d_model: int, n_heads: int | None = None, weights_path: str 
 # --- Reading a checkpoint -------------------------------------------------------------------------
 def _import_safetensors():
     try:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
     except ImportError:
         raise ImportError(
             "reading checkpoints needs the `safetensors` package: pip install safetensors "
             '(or pip install "lowrank_op[weights]").'
         ) from None
-    return safe_open
+    return safe_open, SafetensorError
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's entry in a safetensors header: dtype name (``"F32"``), shape, byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(name: str, entry: object, data_bytes: int) -> TensorEntry:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(
+            f"the header's entry `{name}` is not a tensor description (an object with `dtype`, `shape` "
+            "and `data_offsets`); the file is corrupt or not a safetensors file."
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPE_BITS:
+        raise CheckpointError(
+            f"tensor `{name}` has dtype {dtype!r}, which is not a safetensors dtype "
+            f"({', '.join(SAFETENSORS_DTYPE_BITS)}); the file is corrupt or was written by a newer format."
+        )
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise CheckpointError(f"tensor `{name}` has shape {shape!r} in the header; expected a list of non-negative integers.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(
+            f"tensor `{name}` has data_offsets {offsets!r} in the header; expected [begin, end] with "
+            "0 <= begin <= end."
+        )
+    begin, end = offsets
+    if end > data_bytes:
+        raise CheckpointError(
+            f"tensor `{name}`'s data (bytes {begin} to {end} after the header) runs past the end of the "
+            f"file, which holds {data_bytes} bytes of data; the file is truncated."
+        )
+    bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
+    if end - begin != (bits + 7) // 8:
+        raise CheckpointError(
+            f"tensor `{name}` of shape {tuple(shape)} and dtype {dtype} takes {(bits + 7) // 8} bytes, "
+            f"but its data_offsets span {end - begin}; the file is corrupt."
+        )
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
+    """The tensors a safetensors file declares, checked against the file; no tensor is read.
+
+    A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON
+    (``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``), then the data.
+
+    Returns
+    -------
+    dict
+        ``{name: TensorEntry}`` in the header's order, without ``__metadata__``.
+
+    Raises
+    ------
+    CheckpointError
+        Naming what is wrong: an empty or truncated file, a header length past the end of the file
+        or above ``MAX_HEADER_BYTES``, a header that is not JSON or not an object, an entry that is
+        not a tensor, an unknown dtype, a shape that is not a list of counts, or data offsets
+        that run past the end of the file or disagree with the shape and dtype.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError("the file is empty (0 bytes); expected a safetensors file.")
+    with open(path, "rb") as f:
+        if size < 8:
+            raise CheckpointError(
+                f"the file is {size} bytes long, too short for the 8-byte header length a safetensors "
+                "file starts with; it is truncated or not a safetensors file."
+            )
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(
+                f"the header length in the first 8 bytes is {n} bytes, but only {size - 8} bytes follow; "
+                "the file is truncated or not a safetensors file."
+            )
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"the header length in the first 8 bytes is {n} bytes, above safetensors' limit of "
+                f"{MAX_HEADER_BYTES}; the file is corrupt or not a safetensors file."
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(
+            f"its {n}-byte header is not JSON ({err}); the file is corrupt or not a safetensors file."
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"its header is JSON but a {type(header).__name__}, not an object of tensor entries; the file "
+            "is corrupt or not a safetensors file."
+        )
+    data_bytes = size - 8 - n
+    return {name: _header_entry(name, entry, data_bytes) for name, entry in header.items() if name != "__metadata__"}
 
 
 def detect_layout(names: list[str] | set[str]) -> tuple[str, str]:
@@ -270,15 +394,57 @@ def detect_layout(names: list[str] | set[str]) -> tuple[str, str]:
     )
 
 
-def _count_layers(names, prefix: str, spec: dict) -> int:
+def _spans_text(spans: list[tuple[int, int]], limit: int = 6) -> str:
+    """Inclusive ranges as ``"0-3, 7, 10-12"``; at most ``limit`` of them, then a count of the rest."""
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:limit])
+    return text + (f" and {len(spans) - limit} more ranges" if len(spans) > limit else "")
+
+
+def _ranges(indices: list[int]) -> str:
+    """Sorted distinct integers as ``"0-3, 7, 10-12"`` (:func:`_spans_text`)."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return _spans_text([(a, b) for a, b in spans])
+
+
+def count_layers(names, prefix: str, spec: dict) -> int:
+    """The number of layers, from the names under ``spec["layer_root"]``; they must be ``0..n-1``.
+
+    Only the indices present are collected and sorted (nothing proportional to the largest index
+    is allocated), so a stray ``h.10000000.`` is reported by name, with the gap it leaves.
+    """
     root = re.escape(prefix + spec["layer_root"]).replace(r"\{i\}", r"(\d+)")
-    indices = {int(m.group(1)) for name in names if (m := re.match(root, name))}
-    if not indices:
+    first_name: dict[int, str] = {}
+    for name in sorted(names):
+        if m := re.match(root, name):
+            digits = m.group(1)
+            index = int(digits) if len(digits) <= _MAX_INDEX_DIGITS else 10**_MAX_INDEX_DIGITS
+            first_name.setdefault(index, name)
+    if not first_name:
         raise CheckpointError(
             f"the checkpoint has `{prefix}{spec['embed']}` but no layers: no tensor named like "
             f"`{prefix}{spec['layer'][0].format(i=0)}`."
         )
-    return max(indices) + 1
+    present = sorted(first_name)
+    n = len(present)
+    if present[-1] != n - 1:  # n distinct indices >= 0 are 0..n-1 exactly when the largest is n - 1
+        gaps, expected = [], 0
+        for i in present:
+            if i > expected:
+                gaps.append((expected, i - 1))
+            expected = i + 1
+        stray = next(i for i in present if i >= n)
+        missing = _spans_text(gaps)
+        raise CheckpointError(
+            f"the layers must be numbered 0 to n-1 without gaps, but the checkpoint's {n} layers are numbered "
+            f"{_ranges(present)} (e.g. `{first_name[stray]}`), so these are missing: {missing}. Remove or "
+            "renumber the stray tensors."
+        )
+    return n
 
 
 def _check_shape(name: str, got: tuple, want: tuple, meaning: str) -> None:
@@ -295,6 +461,44 @@ def _split_columns(W: Tensor, n_heads: int) -> Tensor:
 def _split_rows(W: Tensor, n_heads: int) -> Tensor:
     """(n_heads d_head, d_model) in (in, out) orientation -> (n_heads, d_head, d_model)."""
     return W.reshape(n_heads, -1, W.shape[-1])
+
+
+def _require_finite(name: str, tensor: Tensor, source: Tensor | None = None) -> None:
+    """CheckpointError naming ``name`` unless every value of ``tensor`` is finite.
+
+    ``source`` is the tensor as stored, when ``tensor`` is its cast: then a value finite in the file
+    but not after the cast is reported as an overflow of the computation dtype.
+    """
+    if bool(torch.isfinite(tensor).all()):
+        return
+    if source is not None:
+        largest = float(source.abs().max())
+        raise CheckpointError(
+            f"tensor `{name}` ({str(source.dtype).removeprefix('torch.')}) holds values up to {largest:.3g} "
+            f"in magnitude, which overflow {str(tensor.dtype).removeprefix('torch.')} (largest "
+            f"{torch.finfo(tensor.dtype).max:.3g}); compute in float64 (--dtype float64)."
+        )
+    bad = ~torch.isfinite(tensor)
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    nan = int(tensor.isnan().sum())
+    raise CheckpointError(
+        f"tensor `{name}` holds {int(bad.sum())} non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
+        f"infinite; the first at index {first}); the circuits of such weights are undefined. Fix or "
+        "re-export the checkpoint."
+    )
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The safetensors file ``path`` names: itself, or ``path/model.safetensors`` for a directory.
+
+    Raises FileNotFoundError when there is no such file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors file (or its directory) as --weights.")
+    return path
 
 
 def load_safetensors(
@@ -320,80 +524,91 @@ def load_safetensors(
     FileNotFoundError
         When ``path`` does not exist.
     CheckpointError
-        When the layout is not recognised (the message lists the names looked for), or a tensor is
-        missing or has the wrong shape (the message names it and the shape expected). All shapes
-        are checked from the file's header before any tensor is read.
+        Before any tensor is read, from the file's header (:func:`read_safetensors_header`): a
+        malformed file; a layout not recognised (the message lists the names looked for); layers
+        not numbered ``0..n-1``; a tensor missing, of the wrong shape (the message names it and
+        the shape expected), empty (``d_model`` or ``d_vocab`` zero) or not of a floating dtype.
+        While reading: a tensor holding NaN or infinity, or values that overflow ``dtype``.
     ImportError
         When safetensors is not installed.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass a .safetensors file (or its directory) as --weights.")
-    safe_open = _import_safetensors()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        layout, prefix = detect_layout(names)
-        spec = LAYOUTS[layout]
-        n_layers = _count_layers(names, prefix, spec)
+    path = checkpoint_file(path)
+    safe_open, SafetensorError = _import_safetensors()
+    header = read_safetensors_header(path)
+    names = set(header)
+    layout, prefix = detect_layout(names)
+    spec = LAYOUTS[layout]
+    n_layers = count_layers(names, prefix, spec)
 
-        def shape(name: str) -> tuple:
-            return tuple(f.get_slice(name).get_shape())
+    def shape(name: str) -> tuple:
+        return header[name].shape
 
-        embed = prefix + spec["embed"]
-        if len(shape(embed)) != 2:
-            raise CheckpointError(f"tensor `{embed}` has shape {shape(embed)}; expected (d_vocab, d_model).")
-        d_vocab, d_model = shape(embed)
-        missing = [
-            prefix + template.format(i=i) for i in range(n_layers) for template in spec["layer"]
-            if prefix + template.format(i=i) not in names
-        ]
-        if missing:
-            listed = ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    embed = prefix + spec["embed"]
+    if len(shape(embed)) != 2 or 0 in shape(embed):
+        raise CheckpointError(
+            f"tensor `{embed}` has shape {shape(embed)}; expected (d_vocab, d_model), both positive."
+        )
+    d_vocab, d_model = shape(embed)
+    layer_names = [[prefix + template.format(i=i) for template in spec["layer"]] for i in range(n_layers)]
+    missing = [name for names_i in layer_names for name in names_i if name not in names]
+    if missing:
+        listed = ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"the checkpoint ({LAYOUT_NAMES[layout]} layout, {n_layers} layers) lacks {listed}.")
+    for names_i in layer_names:
+        if layout == "gpt2":
+            attn, proj = names_i
+            _check_shape(attn, shape(attn), (d_model, 3 * d_model), "(d_model, 3 d_model): fused Q, K, V, Conv1D (in, out)")
+            _check_shape(proj, shape(proj), (d_model, d_model), "(d_model, d_model), Conv1D (in, out)")
+        else:
+            for name in names_i:
+                _check_shape(name, shape(name), (d_model, d_model), "(d_model, d_model), nn.Linear (out, in)")
+    unembed = next((n for n in (spec["unembed"], prefix + spec["unembed"]) if n in names), None)
+    if unembed is not None:
+        _check_shape(unembed, shape(unembed), (d_vocab, d_model), "(d_vocab, d_model), nn.Linear (out, in)")
+    for name in [embed, *(n for names_i in layer_names for n in names_i)] + ([unembed] if unembed else []):
+        if header[name].dtype not in WEIGHT_DTYPES:
             raise CheckpointError(
-                f"the checkpoint ({LAYOUT_NAMES[layout]} layout, "
-                f"{n_layers} layers) lacks {listed}."
+                f"tensor `{name}` has dtype {header[name].dtype}; expected a real floating dtype "
+                f"({', '.join(WEIGHT_DTYPES)})."
             )
-        for i in range(n_layers):
-            if layout == "gpt2":
-                attn, proj = (prefix + t.format(i=i) for t in spec["layer"])
-                _check_shape(attn, shape(attn), (d_model, 3 * d_model), "(d_model, 3 d_model): fused Q, K, V, Conv1D (in, out)")
-                _check_shape(proj, shape(proj), (d_model, d_model), "(d_model, d_model), Conv1D (in, out)")
-            else:
-                for t in spec["layer"]:
-                    name = prefix + t.format(i=i)
-                    _check_shape(name, shape(name), (d_model, d_model), "(d_model, d_model), nn.Linear (out, in)")
-        unembed = next((n for n in (spec["unembed"], prefix + spec["unembed"]) if n in names), None)
-        if unembed is not None:
-            _check_shape(unembed, shape(unembed), (d_vocab, d_model), "(d_vocab, d_model), nn.Linear (out, in)")
-        H, n_heads_source = resolve_n_heads(d_model, n_heads, path)
+    H, n_heads_source = resolve_n_heads(d_model, n_heads, path)
 
-        def get(name: str) -> Tensor:
-            tensor = f.get_tensor(name)
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"tensor `{name}` has dtype {tensor.dtype}; expected a floating dtype.")
-            return tensor.to(dtype)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
 
-        W_E = get(embed)
-        per_layer = {"W_Q": [], "W_K": [], "W_V": [], "W_O": []}
-        for i in range(n_layers):
-            names_i = [prefix + t.format(i=i) for t in spec["layer"]]
-            if layout == "gpt2":
-                qkv = get(names_i[0])  # (in, out): x @ qkv = [q | k | v]
-                q, k, v = qkv.split(d_model, dim=1)
-                o = get(names_i[1])
-            else:
-                q, k, v, o = (get(n).T for n in names_i)  # nn.Linear (out, in) -> (in, out)
-            per_layer["W_Q"].append(_split_columns(q, H))
-            per_layer["W_K"].append(_split_columns(k, H))
-            per_layer["W_V"].append(_split_columns(v, H))
-            per_layer["W_O"].append(_split_rows(o, H))
-        stacked = {key: torch.stack(parts).contiguous() for key, parts in per_layer.items()}
-        W_U = get(unembed).T.contiguous() if unembed is not None else W_E.T
+            def get(name: str) -> Tensor:
+                stored = f.get_tensor(name)
+                _require_finite(name, stored)
+                tensor = stored.to(dtype)
+                _require_finite(name, tensor, source=stored)
+                return tensor
+
+            W_E = get(embed)
+            per_layer = {"W_Q": [], "W_K": [], "W_V": [], "W_O": []}
+            for names_i in layer_names:
+                if layout == "gpt2":
+                    qkv = get(names_i[0])  # (in, out): x @ qkv = [q | k | v]
+                    q, k, v = qkv.split(d_model, dim=1)
+                    o = get(names_i[1])
+                else:
+                    q, k, v, o = (get(n).T for n in names_i)  # nn.Linear (out, in) -> (in, out)
+                per_layer["W_Q"].append(_split_columns(q, H))
+                per_layer["W_K"].append(_split_columns(k, H))
+                per_layer["W_V"].append(_split_columns(v, H))
+                per_layer["W_O"].append(_split_rows(o, H))
+            stacked = {key: torch.stack(parts).contiguous() for key, parts in per_layer.items()}
+            W_U = get(unembed).T.contiguous() if unembed is not None else W_E.T
+    except SafetensorError as err:  # a header this module accepts but safetensors does not (e.g. overlaps)
+        raise CheckpointError(f"safetensors cannot read the file: {err}.") from None
+    templates = [prefix + t for t in spec["layer"]]
+    tensor_names = {"W_E": embed, "W_U": unembed or embed}
+    if layout == "gpt2":
+        tensor_names.update(W_Q=templates[0], W_K=templates[0], W_V=templates[0], W_O=templates[1])
+    else:
+        tensor_names.update(zip(("W_Q", "W_K", "W_V", "W_O"), templates))
     return AttentionWeights(
         W_E=W_E, W_U=W_U, **stacked, layout=layout, source=str(path), tied=unembed is None,
-        n_heads_source=n_heads_source,
+        n_heads_source=n_heads_source, tensor_names=tensor_names,
     )
 
 

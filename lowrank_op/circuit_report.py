@@ -25,9 +25,14 @@ EFFECTIVE_RANK_DEFINITION = (
 POSITIVITY_DEFINITION = "sum(eig).real / sum(|eig|) over the circuit's non-zero eigenvalues; between -1 and 1"
 #: Score names per circuit: the OV one is the copying score.
 SCORE_NAMES = {"ov": "copying_score", "qk": "eigenvalue_positivity"}
-#: Spectra are drawn on a log axis when the largest singular value exceeds the smallest positive
-#: one by more than this factor; on a linear axis otherwise.
-LOG_SCALE_MIN_RANGE = 20.0
+#: The spectra's y axis: always a log scale (singular values span orders of magnitude, and one rule
+#: for every model makes plots comparable); zeros cannot be drawn on it and are left out. Only
+#: when no singular value is positive at all is the axis linear.
+SPECTRA_Y_LABEL = {True: "singular value s_i (log scale)", False: "singular value s_i (linear: all are 0)"}
+#: Heads are told apart by colour (matplotlib's qualitative "tab10" palette), then by line style
+#: and marker when there are more than 10 heads.
+HEAD_LINE_STYLES = ("-", "--", ":", "-.")
+HEAD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 CIRCUIT_TITLES = {"ov": "OV circuits W_E W_V W_O W_U", "qk": "QK circuits W_E W_Q W_K^T W_E^T"}
 
 
@@ -157,10 +162,11 @@ def write_json(path: Path, report: CircuitReport, weights: AttentionWeights, top
 
 # --- Plots ----------------------------------------------------------------------------------------
 def import_matplotlib():
-    """The ``matplotlib`` module (with ``matplotlib.figure`` loaded), or None when it is not installed."""
+    """The ``matplotlib`` module (with ``matplotlib.figure`` and ``.ticker`` loaded), or None when it is not installed."""
     try:
         import matplotlib
         import matplotlib.figure
+        import matplotlib.ticker
     except ImportError:
         return None
     return matplotlib
@@ -177,10 +183,20 @@ def write_plots(out: Path, report: CircuitReport, weights: AttentionWeights) -> 
     Figure = mpl.figure.Figure
     label = f"{LAYOUT_NAMES[weights.layout]} model ({weights.n_layers} layers x {weights.n_heads} heads, d_vocab {weights.d_vocab})"
     return [_heatmap(Figure, out / HEATMAP_NAME, report, label)] + [
-        _spectra(Figure, mpl.colormaps["viridis"], out / SPECTRA_NAMES[name], getattr(report, name).singular_values,
-                 name, label)
+        _spectra(mpl, out / SPECTRA_NAMES[name], getattr(report, name).singular_values, name, label)
         for name in ("ov", "qk")
     ]
+
+
+def head_style(head: int, n_colors: int = 10) -> dict:
+    """Line style of head ``head`` in the spectra: colour index, line style and marker.
+
+    Heads 0-9 get the 10 colours with solid lines and the first marker; heads 10-19 the same
+    colours, dashed, with the second marker; and so on, so no two of the first 40 heads look alike.
+    """
+    group = head // n_colors
+    return {"color": head % n_colors, "linestyle": HEAD_LINE_STYLES[group % len(HEAD_LINE_STYLES)],
+            "marker": HEAD_MARKERS[group % len(HEAD_MARKERS)]}
 
 
 def _heatmap(Figure, path: Path, report: CircuitReport, label: str) -> Path:
@@ -205,24 +221,36 @@ def _heatmap(Figure, path: Path, report: CircuitReport, label: str) -> Path:
     return path
 
 
-def _spectra(Figure, cmap, path: Path, singular_values, name: str, label: str) -> Path:
+def _spectra(mpl, path: Path, singular_values, name: str, label: str) -> Path:
+    Figure, cmap = mpl.figure.Figure, mpl.colormaps["tab10"]
     values = singular_values.double().numpy()
     n_layers, n_heads, k = values.shape
     ncols = min(4, n_layers)
     nrows = math.ceil(n_layers / ncols)
-    fig = Figure(figsize=(3.2 * ncols + 1.5, 2.4 * nrows + 1.0), layout="constrained")
+    fig = Figure(figsize=(3.4 * ncols + 1.8, 2.6 * nrows + 1.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
-    colors = [cmap(h / max(1, n_heads - 1)) for h in range(n_heads)]
-    positive = values[values > 0]
-    log_scale = positive.size > 0 and positive.max() > LOG_SCALE_MIN_RANGE * positive.min()
+    log_scale = bool((values > 0).any())
+    shown = values.copy()
+    if log_scale:
+        shown[shown <= 0] = math.nan  # zeros have no place on a log axis: left out
+        positive = values[values > 0]
+        narrow = positive.max() < 10 * positive.min()  # within a decade: label the minor ticks too
+        plain = mpl.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    marks = max(1, k // 8)  # about 8 markers per line, enough to tell the styles apart
     for layer, ax in enumerate(axes.flat):
         if layer >= n_layers:
             ax.set_visible(False)
             continue
         for head in range(n_heads):
-            ax.plot(range(1, k + 1), values[layer, head], color=colors[head], lw=1.0, label=f"head {head}")
+            style = head_style(head)
+            ax.plot(range(1, k + 1), shown[layer, head], color=cmap(style["color"]), linestyle=style["linestyle"],
+                    marker=style["marker"], markevery=(head % marks, marks), markersize=3.5, lw=1.1,
+                    label=f"head {head}")
         if log_scale:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            if narrow:
+                ax.yaxis.set_minor_formatter(plain)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -231,7 +259,7 @@ def _spectra(Figure, cmap, path: Path, singular_values, name: str, label: str) -
         lowest.xaxis.set_tick_params(labelbottom=True)
         lowest.set_xlabel("index i")
     for ax in axes[:, 0]:
-        ax.set_ylabel("singular value s_i")
+        ax.set_ylabel(SPECTRA_Y_LABEL[log_scale])
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7)
     fig.suptitle(f"Singular values of the {CIRCUIT_TITLES[name]}\n{label}", fontsize=10)

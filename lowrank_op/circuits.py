@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_op import kernels
 from lowrank_op.checkpoints import AttentionWeights
+from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
 
 
@@ -145,21 +147,70 @@ class CircuitMetrics:
         return CircuitMetrics(*(torch.stack([getattr(p, f) for p in parts]) for f in CircuitMetrics.__dataclass_fields__))
 
 
-def circuit_metrics(circuit: FactoredMatrix) -> CircuitMetrics:
+def frobenius_norm_from_singular_values(S: Tensor) -> Tensor:
+    """``sqrt(sum(S**2))`` over the last dim, scaled by ``max(S)`` so that it cannot overflow.
+
+    The Frobenius norm of a matrix is the 2-norm of its singular values. ``S`` (..., k) must hold
+    all of them that can be non-zero, non-negative; the result has shape (...).
+    """
+    largest = S.amax(-1, keepdim=True) if S.shape[-1] else S.new_zeros((*S.shape[:-1], 1))
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return torch.linalg.vector_norm(S / scale, dim=-1) * scale.squeeze(-1)
+
+
+def _require_finite(values: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteResultError(
+            f"{what} overflowed {str(values.dtype).removeprefix('torch.')} (it holds NaN or infinity although "
+            "the weights are finite); compute in float64 (--dtype float64), or check the weights' scale."
+        )
+
+
+def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
+                    factor_names: tuple[str, str] = ("left factor", "right factor")) -> CircuitMetrics:
     """Norm, singular values, effective rank and eigenvalue positivity of square FactoredMatrix objects.
+
+    Parameters
+    ----------
+    circuit : FactoredMatrix, shape (..., n, n), with mdim ``m``
+    what : str
+        Names the circuit in error messages.
+    factor_names : (str, str)
+        Name ``A`` and ``B`` in error messages (``"W_E W_V"``, ...).
+
+    Raises
+    ------
+    NonFiniteResultError
+        When a factor, the singular values or the eigenvalues hold NaN or infinity (an overflow of
+        the working precision), naming ``what``.
 
     Notes
     -----
-    Everything comes from the factors (``A`` (..., n, m), ``B`` (..., m, n)): the norm from two
-    ``m x m`` Gram matrices, singular values from QR of both factors and a values-only SVD of the
-    ``m x m`` core, eigenvalues from the ``m x m`` ``B A``. Cost ``O(n m^2 + m^3)`` per matrix.
+    Everything comes from the factors (``A`` (..., n, m), ``B`` (..., m, n)): singular values from
+    QR of both factors and a values-only SVD of the ``m x m`` core
+    (:func:`lowrank_op.kernels.svdvals`), the Frobenius norm as their 2-norm (no second
+    factorisation), eigenvalues from the ``m x m`` ``B A`` (:func:`lowrank_op.kernels.eigvals`;
+    the positivity is a sum, so their order does not matter). Cost ``O(n m^2 + m^3)`` per matrix.
     """
-    S = circuit.S
+    A, B = circuit.A, circuit.B
+    _require_finite(A, f"{what}: the factor {factor_names[0]}")
+    _require_finite(B, f"{what}: the factor {factor_names[1]}")
+    try:
+        S = kernels.svdvals(A, B)
+        eigenvalues = kernels.eigvals(A, B)
+    except torch.linalg.LinAlgError as err:  # finite factors whose core overflows can fail to converge
+        raise NonFiniteResultError(
+            f"{what}: the decomposition failed ({err}); the factors are finite, so their product "
+            f"overflowed {str(A.dtype).removeprefix('torch.')}: compute in float64 (--dtype float64), or "
+            "check the weights' scale."
+        ) from None
+    _require_finite(S, f"{what}: the singular values")
+    _require_finite(eigenvalues, f"{what}: the eigenvalues")
     return CircuitMetrics(
-        norm=circuit.norm(),
+        norm=frobenius_norm_from_singular_values(S),
         singular_values=S,
         effective_rank=effective_rank(S),
-        eigenvalue_positivity=eigenvalue_positivity(circuit.eigenvalues),
+        eigenvalue_positivity=eigenvalue_positivity(eigenvalues),
     )
 
 
@@ -169,6 +220,34 @@ class CircuitReport:
 
     ov: CircuitMetrics
     qk: CircuitMetrics
+
+
+#: What each circuit is made of: its title, its factors' names, and the weights that go into it.
+CIRCUIT_PARTS = {
+    "ov": ("OV circuits W_E W_V W_O W_U", ("W_E W_V", "W_O W_U"), ("W_E", "W_V", "W_O", "W_U")),
+    "qk": ("QK circuits W_E W_Q W_K^T W_E^T", ("W_E W_Q", "W_K^T W_E^T"), ("W_E", "W_Q", "W_K")),
+}
+
+
+def _tensor_name(weights: AttentionWeights, symbol: str, layer: int | None = None) -> str:
+    name = weights.tensor_names.get(symbol)
+    if name is None:
+        return symbol if layer is None or symbol in ("W_E", "W_U") else f"{symbol}[{layer}]"
+    return name.format(i=layer)
+
+
+def require_finite_weights(weights: AttentionWeights) -> None:
+    """ValueError naming the first weight (and layer) that holds NaN or infinity."""
+    for symbol in ("W_E", "W_Q", "W_K", "W_V", "W_O", "W_U"):
+        W = getattr(weights, symbol)
+        finite = torch.isfinite(W).flatten(1).all(-1) if W.ndim == 4 else torch.isfinite(W).all().reshape(1)
+        if not bool(finite.all()):
+            layer = int((~finite).nonzero()[0]) if W.ndim == 4 else None
+            raise ValueError(
+                f"`{symbol}` ({_tensor_name(weights, symbol, layer)}) holds NaN or infinity"
+                + (f" in layer {layer}" if layer is not None else "")
+                + "; the circuits of such weights are undefined."
+            )
 
 
 def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = None) -> CircuitReport:
@@ -184,6 +263,15 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     -------
     CircuitReport
 
+    Raises
+    ------
+    ValueError
+        When a weight holds NaN or infinity (:func:`require_finite_weights`).
+    NonFiniteResultError
+        When finite weights give a circuit factor, singular value or eigenvalue that is not finite
+        (an overflow of the working precision); the message names the layer, the circuit, the
+        factor or result, and the checkpoint's tensors it comes from.
+
     Notes
     -----
     Per layer, the OV circuits of all heads are built (:func:`ov_circuit`), measured
@@ -194,14 +282,16 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     Time: ``4 n_layers n_heads d_vocab d_model d_head`` multiply-adds to form the factors,
     which dominate, plus ``O(d_vocab d_head^2)`` per head to measure them.
     """
-    ov, qk = [], []
+    require_finite_weights(weights)
+    builders = {"ov": ov_circuit, "qk": qk_circuit}
+    results: dict[str, list[CircuitMetrics]] = {"ov": [], "qk": []}
     for layer in range(weights.n_layers):
-        circuit = ov_circuit(weights, layer)
-        ov.append(circuit_metrics(circuit))
-        del circuit
-        circuit = qk_circuit(weights, layer)
-        qk.append(circuit_metrics(circuit))
-        del circuit
+        for name, build in builders.items():
+            title, factor_names, symbols = CIRCUIT_PARTS[name]
+            sources = ", ".join(dict.fromkeys(f"`{_tensor_name(weights, s, layer)}`" for s in symbols))
+            circuit = build(weights, layer)
+            results[name].append(circuit_metrics(circuit, f"layer {layer}'s {title} (from {sources})", factor_names))
+            del circuit
         if on_layer is not None:
             on_layer(layer)
-    return CircuitReport(ov=CircuitMetrics.stack(ov), qk=CircuitMetrics.stack(qk))
+    return CircuitReport(ov=CircuitMetrics.stack(results["ov"]), qk=CircuitMetrics.stack(results["qk"]))

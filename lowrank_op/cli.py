@@ -8,6 +8,9 @@ peak memory. Run ``python -m lowrank_op circuits --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -16,11 +19,21 @@ from pathlib import Path
 import torch
 
 from lowrank_op import _memory, checkpoints, circuit_report, circuits
+from lowrank_op.errors import NonFiniteResultError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Singular values reported per circuit unless --top-k says otherwise (fewer if d_head is smaller).
 DEFAULT_TOP_K = 5
-GIB = 2**30
+#: The memory line gives the analysis' peak increase as a multiple of one layer's circuit factors
+#: and of the weights only when that size is at least this many bytes: a resident-set reading
+#: moves by a few MiB for reasons of its own (allocator, lazily loaded libraries), which would
+#: swamp the ratio to anything smaller.
+MEMORY_RATIO_MIN_BYTES = 16 * 2**20
+#: Seed of the random model when --seed is not given.
+DEFAULT_SEED = 0
+#: Exit status of a command that fails on its input (bad checkpoint, overflow, unwritable output);
+#: argparse's usage errors exit with 2.
+EXIT_FAILURE = 1
 
 
 def _positive_int(text: str) -> int:
@@ -33,17 +46,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+RANDOM_SHAPE_FIELDS = ("n_layers", "n_heads", "d_model", "d_vocab")
+
+
 def _random_shape(text: str) -> dict:
-    parts = text.split(",")
+    rule = ("must be N_LAYERS,N_HEADS,D_MODEL,D_VOCAB: four positive integers, N_HEADS dividing D_MODEL "
+            "(each head is D_MODEL / N_HEADS wide), e.g. 2,4,64,1000 or GPT-2 small's 12,12,768,50257")
     try:
-        values = [int(p) for p in parts]
+        values = [int(p) for p in text.split(",")]
     except ValueError:
         values = []
     if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{rule}; got {text!r}")
+    shape = dict(zip(RANDOM_SHAPE_FIELDS, values))
+    if shape["d_model"] % shape["n_heads"]:
         raise argparse.ArgumentTypeError(
-            f"must be four positive integers N_LAYERS,N_HEADS,D_MODEL,D_VOCAB (e.g. 2,4,64,1000), got {text!r}"
+            f"{rule}; got {text!r}, whose N_HEADS {shape['n_heads']} does not divide D_MODEL {shape['d_model']}"
         )
-    return dict(zip(("n_layers", "n_heads", "d_model", "d_vocab"), values))
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(encoder.layer.{i}.attention.self.query.weight, ..., optional prefix such as bert.)")
     c.add_argument("--out", type=Path, default=Path("circuits_out"), metavar="DIR",
                    help=f"directory for {circuit_report.CSV_NAME}, {circuit_report.JSON_NAME} and the PNG plots "
-                        "(created if missing; default: %(default)s)")
+                        "(created if missing, only once everything has been computed and written beside it; "
+                        "default: %(default)s)")
     c.add_argument("--n-heads", type=_positive_int, metavar="N",
                    help="number of attention heads. Default: from a config.json beside the weights "
                         f"(n_head / num_attention_heads), else d_model / {checkpoints.DEFAULT_D_HEAD}")
@@ -78,26 +99,87 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch threads (torch.set_num_threads); default: torch's default, here "
                         f"{torch.get_num_threads()}")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random model (default: %(default)s)")
+    c.add_argument("--seed", type=int, help=f"seed of the random model (default: {DEFAULT_SEED}); not with --weights")
     c.add_argument("--random-shape", type=_random_shape, metavar="L,H,D_MODEL,D_VOCAB",
-                   help="shape of the random model instead of GPT-2 small's 12,12,768,50257")
+                   help="shape of the random model instead of GPT-2 small's 12,12,768,50257; not with --weights")
     c.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(run=run_circuits, command_parser=c)  # errors then show the subcommand's usage
+    c.epilog = ("Exit status: 0 on success; 2 for a misused option, with the usage (an --out that cannot be "
+                "written is found so, before loading); 1 when the input or the output fails (a malformed or "
+                "non-finite checkpoint, an overflow, a failure to write the outputs), with one 'error:' line. "
+                "--out is created or updated only when every output has been written.")
     return parser
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _unwritable(out: Path, why: str) -> ValueError:
+    return ValueError(
+        f"`--out` {str(out)!r} is not a writable directory ({why}); pass a directory you can write to, "
+        "e.g. --out ./circuits_out."
+    )
+
+
 def check_out_dir(out: Path) -> None:
-    """Create ``out`` if needed and make sure a file can be written in it; ValueError otherwise."""
+    """ValueError unless ``out`` is a writable directory or could be created as one; creates nothing.
+
+    ``out`` must be an existing directory, or absent with its nearest existing ancestor a
+    directory; in either case a (nameless, ``O_TMPFILE`` where available) file must be creatable
+    there.
+    """
+    target = out if out.exists() else _nearest_existing(out)
+    if not target.is_dir():
+        raise _unwritable(out, f"{target} is a file")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".lowrank_op_write_test_"):
+        with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as err:
-        raise ValueError(
-            f"`--out` {str(out)!r} is not a writable directory ({err.strerror or err}); pass a directory "
-            "you can write to, e.g. --out ./circuits_out."
-        ) from None
+        raise _unwritable(out, err.strerror or str(err)) from None
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh hidden directory beside ``out`` (in its nearest existing ancestor) for the outputs.
+
+    Beside ``out`` rather than in it, so that ``out`` is untouched until :func:`_move_into_place`;
+    inside ``out`` only when it exists and its parent cannot be written.
+    """
+    out = out.absolute()
+    anchor = out.parent if out.exists() else _nearest_existing(out)
+    prefix = f".{out.name or 'out'}.partial-"
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=anchor))
+    except OSError:
+        if not out.is_dir():
+            raise
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would otherwise become --out's mode
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> list[Path]:
+    """Move the files written in ``staging`` into ``out`` (renaming ``staging`` when ``out`` is
+    absent); returns their paths in ``out``."""
+    names = sorted(p.name for p in staging.iterdir())
+    if not out.exists():
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    else:
+        for name in names:
+            shutil.move(staging / name, out / name)  # replaces a file of that name; copies across devices
+        staging.rmdir()
+    return [out / name for name in names]
+
+
+class _CommandFailure(Exception):
+    """The command cannot go on; its message is printed as one ``error:`` line (exit status 1)."""
 
 
 class _Progress:
@@ -126,39 +208,101 @@ class _Progress:
             self.bar.close()
 
 
-def _load(args, parser) -> checkpoints.AttentionWeights:
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
+def _load(args) -> checkpoints.AttentionWeights:
+    """The weights; _CommandFailure naming the file and the problem when they cannot be had."""
     dtype = DTYPES[args.dtype]
     if args.weights is None:
         shape = args.random_shape or checkpoints.GPT2_SMALL_SHAPE
-        return checkpoints.random_weights(**shape, seed=args.seed, dtype=dtype)
+        seed = DEFAULT_SEED if args.seed is None else args.seed
+        return checkpoints.random_weights(**shape, seed=seed, dtype=dtype)
+    path = checkpoints.checkpoint_file(args.weights)  # FileNotFoundError: a usage error, handled by the caller
     try:
-        return checkpoints.load_safetensors(args.weights, n_heads=args.n_heads, dtype=dtype)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # CheckpointError is a ValueError
-        parser.error(f"{args.weights}: {err}" if isinstance(err, checkpoints.CheckpointError) else str(err))
+        return checkpoints.load_safetensors(path, n_heads=args.n_heads, dtype=dtype)
+    except (ValueError, ImportError) as err:  # CheckpointError is a ValueError
+        raise _CommandFailure(f"{path}: {err}") from None
+    except OSError as err:
+        raise _CommandFailure(f"{path}: cannot be read ({err.strerror or err}).") from None
 
 
 def _size(n: int | None) -> str:
-    """A byte count in GiB, or MiB below 0.1 GiB."""
+    """A byte count with three significant digits in B, KiB, MiB or GiB: "512 B", "4.06 KiB", "1.23 GiB"."""
     if n is None:
         return "n/a"
-    return f"{n / GIB:.3f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    return f"{n} B"
+
+
+def _split_time(parts: list[tuple[str, float]], total: float) -> str:
+    """``"53.9 s: loading 1.0 s, circuits 50.6 s, ..., other 0.1 s"``: the parts and ``other`` (the
+    rest of ``total``), rounded so that the printed parts add up to the printed total exactly."""
+    shown, cumulative, printed = [], 0.0, 0.0
+    for label, seconds in parts + [("other", total - sum(s for _, s in parts))]:
+        cumulative += seconds
+        upto = round(cumulative, 1)
+        shown.append(f"{label} {upto - printed:.1f} s")
+        printed = upto
+    return f"{round(total, 1):.1f} s = " + " + ".join(shown)
+
+
+def _memory_line(increase: int, peak_reset: bool, weights: checkpoints.AttentionWeights, layer_factor_bytes: int) -> str:
+    """The analysis' peak increase, and its ratio to one layer's circuit factors and to the weights
+    where those are at least ``MEMORY_RATIO_MIN_BYTES`` (a plain statement where they are not)."""
+    note = "" if peak_reset else " (peak counter could not be reset: includes loading)"
+    line = f"increase during analysis: {_size(increase)}{note}"
+    layer = f"one layer's circuit factors ({_size(layer_factor_bytes)}: A and B of one circuit, {weights.n_heads} heads)"
+    used = f"the weights used ({_size(weights.nbytes)})"
+    small = []
+    for size, what in ((layer_factor_bytes, layer), (weights.nbytes, used)):
+        if size >= MEMORY_RATIO_MIN_BYTES:
+            line += f" = {increase / size:.2f} x {what}"
+        else:
+            small.append(what)
+    if small:
+        line += (f"; {' and '.join(small)} {'is' if len(small) == 1 else 'are'} below "
+                 f"{_size(MEMORY_RATIO_MIN_BYTES)}, too small for a ratio to mean anything (a resident-memory "
+                 "reading moves by a few MiB of its own)")
+    return line
 
 
 def run_circuits(args, parser) -> int:
-    """The ``circuits`` command, from parsed arguments."""
+    """The ``circuits`` command, from parsed arguments; returns the exit status.
+
+    Misused options end in ``parser.error`` (usage and one error line, exit status 2), before
+    anything is loaded. A failure on the input or the output prints one ``error:`` line naming the
+    file and the problem and returns ``EXIT_FAILURE``; ``--out`` is then as it was (outputs are
+    written to a hidden directory beside it and moved into place only when all are written).
+    """
     start = time.perf_counter()
-    if args.weights is not None and args.random_shape is not None:
-        parser.error("`--random-shape` applies to the built-in random model only; drop it or drop --weights.")
+    if args.weights is not None:
+        for flag, value in (("--random-shape", args.random_shape), ("--seed", args.seed)):
+            if value is not None:
+                parser.error(f"`{flag}` applies to the built-in random model only; drop it or drop `--weights`.")
     if args.weights is None and args.n_heads is not None:
         parser.error("`--n-heads` applies to --weights only; set the random model's heads with --random-shape.")
     try:
         check_out_dir(args.out)
-    except ValueError as err:
+        if args.weights is not None:
+            checkpoints.checkpoint_file(args.weights)
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _circuits(args, parser, start)
+    except _CommandFailure as err:
+        print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILURE
 
-    weights = _load(args, parser)
+
+def _circuits(args, parser, start: float) -> int:
+    weights = _load(args)
     rank_bound = min(weights.d_head, weights.d_vocab)
     if args.top_k is None:
         args.top_k = min(DEFAULT_TOP_K, rank_bound)
@@ -175,16 +319,15 @@ def run_circuits(args, parser) -> int:
           f"{torch.get_num_threads()} threads", file=sys.stderr)
 
     progress = _Progress(weights.n_layers, enabled=not args.no_progress)
+    where = f"{weights.source}: " if weights.layout != "random" else ""
     try:
         report = circuits.analyze(weights, on_layer=progress)
+    except (ValueError, NonFiniteResultError) as err:
+        raise _CommandFailure(f"{where}{err}") from None
     finally:
         progress.close()
     analysed = time.perf_counter()
     peak_analysis = _memory.peak_rss()
-
-    print(circuit_report.format_table(report, args.top_k))
-    best = ", ".join(f"L{layer}H{head} {score:+.3f}" for layer, head, score in circuit_report.top_copying_heads(report))
-    print(f"highest OV copying scores: {best}")
 
     itemsize = weights.W_E.element_size()
     layer_factor_bytes = 2 * weights.n_heads * weights.d_vocab * weights.d_head * itemsize
@@ -198,30 +341,49 @@ def run_circuits(args, parser) -> int:
         "all_layers_circuit_factor_bytes": layer_factor_bytes * weights.n_layers,
         "weight_bytes": weights.nbytes,
     }
-    timing = {"load_s": loaded - start, "analysis_s": analysed - loaded}
     settings = {"top_k": args.top_k, "dtype": args.dtype, "threads": torch.get_num_threads()}
-    out_files = [args.out / circuit_report.CSV_NAME, args.out / circuit_report.JSON_NAME]
-    circuit_report.write_csv(out_files[0], report, args.top_k)
-    circuit_report.write_json(out_files[1], report, weights, args.top_k,
-                              {"settings": settings, "timing_s": timing, "memory": memory})
-    if not args.no_plots:
-        written = circuit_report.write_plots(args.out, report, weights)
-        if not written:
-            print('matplotlib is not installed: no plots written. Install it with `pip install matplotlib` '
-                  '(or `pip install "lowrank_op[plots]"`), or pass --no-plots.', file=sys.stderr)
-        out_files += written
-    print(f"wrote {', '.join(str(p) for p in out_files)}")
 
-    wall = time.perf_counter() - start
-    print(f"wall time: {wall:.1f} s (loading {timing['load_s']:.1f} s, circuits {timing['analysis_s']:.1f} s) "
-          f"on {torch.get_num_threads()} threads")
+    staging = None
+    try:
+        staging = _staging_dir(args.out)
+        circuit_report.write_csv(staging / circuit_report.CSV_NAME, report, args.top_k)
+        table = circuit_report.format_table(report, args.top_k)
+        reported = time.perf_counter()
+        plotted, plots_written = reported, True
+        if not args.no_plots:
+            plots_written = bool(circuit_report.write_plots(staging, report, weights))
+            plotted = time.perf_counter()
+        timing = {"load_s": loaded - start, "analysis_s": analysed - loaded, "table_and_csv_s": reported - analysed,
+                  "plots_s": plotted - reported}
+        timing["other_s"] = time.perf_counter() - start - sum(timing.values())
+        timing["total_s"] = sum(timing.values())
+        circuit_report.write_json(staging / circuit_report.JSON_NAME, report, weights, args.top_k,
+                                  {"settings": settings, "timing_s": timing, "memory": memory,
+                                   "timing_note": "seconds, up to writing this file; the parts add up to total_s"})
+        written = _move_into_place(staging, args.out)
+        staging = None
+    except OSError as err:
+        raise _CommandFailure(f"cannot write the outputs to `--out` {str(args.out)!r}: "
+                             f"{err.strerror or err} ({getattr(err, 'filename', None) or 'no file name'}).") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    print(table)
+    best = ", ".join(f"L{layer}H{head} {score:+.3f}" for layer, head, score in circuit_report.top_copying_heads(report))
+    print(f"highest OV copying scores: {best}")
+    if not plots_written:
+        print('matplotlib is not installed: no plots written. Install it with `pip install matplotlib` '
+              '(or `pip install "lowrank_op[plots]"`), or pass --no-plots.', file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in written)}")
     peak_total = max(peak_load, _memory.peak_rss())
+    parts = [("loading", timing["load_s"]), ("circuits", timing["analysis_s"]),
+             ("table and CSV", timing["table_and_csv_s"]), ("plots", timing["plots_s"])]
+    print(f"wall time {_split_time(parts, time.perf_counter() - start)} (other: JSON, moving the files into "
+          f"place, printing) on {torch.get_num_threads()} threads")
     print(f"peak memory (ru_maxrss): {_size(peak_total)}; after loading: {_size(rss_loaded)}")
     if increase is not None:
-        note = "" if peak_reset else " (peak counter could not be reset: includes loading)"
-        print(f"increase during analysis: {_size(increase)}{note} = {increase / layer_factor_bytes:.2f} x one layer's "
-              f"circuit factors ({_size(layer_factor_bytes)}: A and B of one circuit, {weights.n_heads} heads) = "
-              f"{increase / weights.nbytes:.2f} x the weights used ({_size(weights.nbytes)})")
+        print(_memory_line(increase, peak_reset, weights, layer_factor_bytes))
     return 0
 
 

@@ -63,3 +63,13 @@ class DtypeMismatchError(TypeError, RuntimeError):
 class DeviceMismatchError(ValueError, RuntimeError):
     """Factors or product operands on different devices (torch, and so TransformerLens, raised
     RuntimeError when multiplying them)."""
+
+
+# --- The circuits command's inputs ----------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read as a model: a malformed safetensors file, a layout this package
+    does not read, a missing, misshapen or non-finite tensor, or misnumbered layers."""
+
+
+class NonFiniteResultError(RuntimeError):
+    """A computation on finite inputs gave NaN or infinity: it overflowed its working precision."""

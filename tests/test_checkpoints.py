@@ -7,8 +7,23 @@ import pytest
 import torch
 
 from lowrank_op import checkpoints
-from lowrank_op.checkpoints import AttentionWeights, CheckpointError, load_safetensors, random_weights, resolve_n_heads
-from tiny_checkpoints import SHAPE, WRITERS, canonical_weights, tiny_checkpoint, write_checkpoint
+from lowrank_op.checkpoints import (
+    AttentionWeights,
+    CheckpointError,
+    load_safetensors,
+    random_weights,
+    read_safetensors_header,
+    resolve_n_heads,
+)
+from tiny_checkpoints import (
+    SHAPE,
+    WRITERS,
+    canonical_weights,
+    join_safetensors,
+    split_safetensors,
+    tiny_checkpoint,
+    write_checkpoint,
+)
 
 LAYOUT_CASES = [
     ("gpt2", ""), ("gpt2", "transformer."), ("bert", ""), ("bert", "bert."),
@@ -142,8 +157,15 @@ def test_non_float_tensor_is_refused(tmp_path):
     tensors = WRITERS["gpt2"](canonical_weights(**SHAPE))
     tensors["h.0.attn.c_proj.weight"] = torch.zeros(16, 16, dtype=torch.int32)
     path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
-    with pytest.raises(CheckpointError, match=r"`h.0.attn.c_proj.weight` has dtype torch.int32"):
+    with pytest.raises(CheckpointError, match=r"`h.0.attn.c_proj.weight` has dtype I32; expected a real floating "
+                                              r"dtype \(F16, BF16, F32, F64"):
         load_safetensors(path)
+
+
+def test_checkpoint_error_lives_in_errors_and_is_a_value_error():
+    from lowrank_op import errors
+
+    assert CheckpointError is errors.CheckpointError and issubclass(CheckpointError, ValueError)
 
 
 def test_two_models_in_one_file_are_refused(tmp_path):
@@ -200,3 +222,155 @@ def test_random_model_is_seeded_and_tied(dtype):
 def test_random_model_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         random_weights(**{"n_layers": 1, "n_heads": 3, "d_model": 12, "d_vocab": 10, **kwargs})
+
+
+# --- Malformed files: each named, from the header, before safetensors sees the file -------------------
+def _valid_file(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path / "valid", "gpt2")
+    return path
+
+
+def _entry(header: dict, name: str = "wte.weight") -> dict:
+    return header[name]
+
+
+MALFORMED = {
+    "empty": (lambda h, d: b"", r"the file is empty \(0 bytes\)"),
+    "truncated-length": (lambda h, d: b"\x10\x00\x00", r"the file is 3 bytes long, too short for the 8-byte header length"),
+    "length-past-end": (lambda h, d: join_safetensors(h, d, length=10**12),
+                        r"header length in the first 8 bytes is 1000000000000 bytes, but only \d+ bytes follow"),
+    "not-json": (lambda h, d: join_safetensors(b"{not json" + b" " * 40, d), r"its 49-byte header is not JSON"),
+    "not-utf8": (lambda h, d: join_safetensors(b"\xff\xfe{}", d), r"its 4-byte header is not JSON"),
+    "json-list": (lambda h, d: join_safetensors(b"[1, 2]", d), r"its header is JSON but a list, not an object"),
+    "entry-not-tensor": (lambda h, d: join_safetensors({**h, "wte.weight": [1]}, d),
+                         r"the header's entry `wte.weight` is not a tensor description"),
+    "unknown-dtype": (lambda h, d: join_safetensors({**h, "wte.weight": {**_entry(h), "dtype": "F128"}}, d),
+                      r"tensor `wte.weight` has dtype 'F128', which is not a safetensors dtype \(BOOL, U8"),
+    "bad-shape": (lambda h, d: join_safetensors({**h, "wte.weight": {**_entry(h), "shape": [40, -16]}}, d),
+                  r"tensor `wte.weight` has shape \[40, -16\] in the header; expected a list of non-negative"),
+    "bad-offsets": (lambda h, d: join_safetensors({**h, "wte.weight": {**_entry(h), "data_offsets": [9, 3]}}, d),
+                    r"tensor `wte.weight` has data_offsets \[9, 3\] in the header; expected \[begin, end\]"),
+    "truncated-data": (lambda h, d: join_safetensors(h, d[: len(d) // 2]),
+                       r"data \(bytes \d+ to \d+ after the header\) runs past the end of the file, which holds "
+                       r"\d+ bytes of data; the file is truncated"),
+    "size-mismatch": (lambda h, d: join_safetensors({**h, "wte.weight": {**_entry(h), "shape": [40, 15]}}, d),
+                      r"tensor `wte.weight` of shape \(40, 15\) and dtype F32 takes 2400 bytes, but its "
+                      r"data_offsets span 2560"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors_files_are_named(tmp_path, case):
+    header, data = split_safetensors(_valid_file(tmp_path))
+    make, match = MALFORMED[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(make(header, data))
+    with pytest.raises(CheckpointError, match=match):
+        read_safetensors_header(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_safetensors(path)
+
+
+def test_header_above_the_size_limit_is_refused(tmp_path, monkeypatch):
+    header, data = split_safetensors(_valid_file(tmp_path))
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(join_safetensors(header, data))
+    monkeypatch.setattr(checkpoints, "MAX_HEADER_BYTES", 64)
+    with pytest.raises(CheckpointError, match=r"bytes, above safetensors' limit of 64"):
+        read_safetensors_header(path)
+
+
+def test_what_only_safetensors_refuses_is_translated(tmp_path):
+    valid = _valid_file(tmp_path)
+    header, data = split_safetensors(valid)
+    first, second = sorted((e for k, e in header.items() if k != "__metadata__"), key=lambda e: e["data_offsets"])[:2]
+    second["data_offsets"] = first["data_offsets"][:]  # overlaps: sizes agree, so only safetensors notices
+    second["shape"], second["dtype"] = first["shape"], first["dtype"]
+    path = valid.parent / "overlap.safetensors"  # beside config.json
+    path.write_bytes(join_safetensors(header, data))
+    with pytest.raises(CheckpointError, match=r"safetensors cannot read the file: .*invalid offset"):
+        load_safetensors(path)
+
+
+def test_header_entries_and_metadata(tmp_path):
+    header, data = split_safetensors(_valid_file(tmp_path))
+    path = tmp_path / "valid" / "with_metadata.safetensors"
+    path.write_bytes(join_safetensors({"__metadata__": {"format": "pt"}, **header}, data))
+    got = read_safetensors_header(path)
+    assert "__metadata__" not in got and set(got) == set(header)
+    assert got["wte.weight"].dtype == "F32" and got["wte.weight"].shape == (40, 16)
+    assert load_safetensors(path).d_vocab == 40
+
+
+# --- Layer numbering ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "stray,match",
+    [
+        ("h.10000000.attn.c_attn.weight", r"numbered 0-1, 10000000 \(e.g. `h.10000000.attn.c_attn.weight`\), so these "
+                                          r"are missing: 2-9999999"),
+        # an index this large proves nothing is allocated or looped over up to it
+        ("h.1000000000000000000000000000000.ln_1.weight", r"numbered 0-1, 1000000000000000000 \(e.g. `h.10{30}.ln_1"),
+        ("h.3.attn.c_proj.weight", r"numbered 0-1, 3 .* missing: 2\. Remove or renumber"),
+    ],
+)
+def test_layers_must_be_numbered_from_zero_without_gaps(tmp_path, stray, match):
+    tensors = WRITERS["gpt2"](canonical_weights(**SHAPE))
+    tensors[stray] = torch.zeros(16, 16)
+    path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
+    with pytest.raises(CheckpointError, match=match):
+        load_safetensors(path)
+
+
+def test_layers_missing_at_the_start_are_listed(tmp_path):
+    tensors = {k.replace("h.0.", "h.5.").replace("h.1.", "h.9."): v for k, v in WRITERS["gpt2"](canonical_weights(**SHAPE)).items()}
+    path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
+    with pytest.raises(CheckpointError, match=r"2 layers are numbered 5, 9 .* missing: 0-4, 6-8\."):
+        load_safetensors(path)
+
+
+# --- Empty dims -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 16), (40, 0)], ids=["d_vocab-0", "d_model-0"])
+def test_empty_embedding_is_refused(tmp_path, shape):
+    tensors = WRITERS["gpt2"](canonical_weights(**SHAPE))
+    tensors["wte.weight"] = torch.zeros(shape)
+    path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
+    with pytest.raises(CheckpointError, match=rf"`wte.weight` has shape \({shape[0]}, {shape[1]}\); expected "
+                                              r"\(d_vocab, d_model\), both positive"):
+        load_safetensors(path)
+
+
+def test_resolve_n_heads_refuses_zero_width():
+    with pytest.raises(ValueError, match=r"`d_model` must be a positive integer, got 0"):
+        resolve_n_heads(0)
+
+
+# --- Non-finite weights -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_named(tmp_path, dtype, bad):
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in WRITERS["gpt2"](canonical_weights(**SHAPE)).items()}
+    tensors["h.1.attn.c_attn.weight"][3, 5] = bad
+    path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
+    nan = int(bad != bad)
+    with pytest.raises(CheckpointError, match=rf"tensor `h.1.attn.c_attn.weight` holds 1 non-finite values \({nan} NaN, "
+                                              rf"{1 - nan} infinite; the first at index \(3, 5\)\)"):
+        load_safetensors(path)
+
+
+def test_values_overflowing_the_computation_dtype_are_named(tmp_path):
+    tensors = {k: v.double() for k, v in WRITERS["gpt2"](canonical_weights(**SHAPE)).items()}
+    tensors["wte.weight"][0, 0] = 1e300
+    path = write_checkpoint(tmp_path, tensors, {"n_head": 2})
+    with pytest.raises(CheckpointError, match=r"tensor `wte.weight` \(float64\) holds values up to 1e\+300 in magnitude, "
+                                              r"which overflow float32 \(largest 3.4e\+38\); compute in float64"):
+        load_safetensors(path, dtype=torch.float32)
+    assert float(load_safetensors(path, dtype=torch.float64).W_E[0, 0]) == 1e300
+
+
+@pytest.mark.parametrize("layout,prefix", [("gpt2", "transformer."), ("bert", "")])
+def test_tensor_names_are_kept_for_messages(tmp_path, layout, prefix):
+    path, _ = tiny_checkpoint(tmp_path, layout, prefix)
+    names = load_safetensors(path).tensor_names
+    assert set(names) == {"W_E", "W_Q", "W_K", "W_V", "W_O", "W_U"}
+    assert names["W_V"].format(i=1) in read_safetensors_header(path)
+    assert names["W_U"] == names["W_E"]  # tied

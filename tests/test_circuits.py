@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -297,40 +296,6 @@ def test_read_only_out_fails_before_loading(tmp_path, capsys, no_loading):
     assert "is not a writable directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "extra,match",
-    [
-        (["--random-shape", "1,2,8,20", "--top-k", "5"], r"`--top-k` 5 exceeds the circuits' rank bound min\(d_head, d_vocab\) = 4"),
-        (["--random-shape", "1,2,8"], r"--random-shape: must be four positive integers"),
-        (["--n-heads", "4"], r"`--n-heads` applies to --weights only"),
-        (["--top-k", "0"], r"--top-k: must be a positive integer, got 0"),
-        (["--weights", "WEIGHTS", "--random-shape", "1,2,8,20"], r"`--random-shape` applies to the built-in random model only"),
-        (["--weights", "WEIGHTS", "--n-heads", "3"], r"`n_heads` \(--n-heads\) is 3 but .*config.json says 2"),
-        (["--weights", "MISSING"], r"no checkpoint at .*missing.safetensors"),
-        (["--weights", "BROKEN"], r"broken.safetensors: tensor `transformer.h.0.attn.c_proj.weight` has shape \(3, 3\); expected \(16, 16\)"),
-    ],
-)
-def test_cli_argument_and_checkpoint_errors(checkpoints_dir, tmp_path, capsys, extra, match):
-    from safetensors.torch import save_file
-
-    broken = {**{k: v.clone() for k, v in _tensors_of(checkpoints_dir["gpt2-tied"][0]).items()},
-              "transformer.h.0.attn.c_proj.weight": torch.zeros(3, 3)}
-    save_file(broken, str(tmp_path / "broken.safetensors"))
-    paths = {"WEIGHTS": str(checkpoints_dir["gpt2-tied"][0]), "MISSING": str(tmp_path / "missing.safetensors"),
-             "BROKEN": str(tmp_path / "broken.safetensors")}
-    argv = ["circuits", "--out", str(tmp_path / "out"), "--no-plots", "--no-progress"] + [paths.get(a, a) for a in extra]
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv)
-    assert info.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
-
-
-def _tensors_of(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def test_python_dash_m_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
@@ -369,3 +334,81 @@ def test_top_copying_heads_orders_scores_and_puts_undefined_ones_last():
     assert [(layer, head) for layer, head, _ in top] == [(1, 0), (0, 0), (1, 1), (0, 1)]
     assert [score for _, _, score in top[:3]] == pytest.approx([0.9, 0.2, -0.5])
     assert math.isnan(top[3][2])
+
+
+# --- The norm comes from the singular values ------------------------------------------------------------
+def test_norm_is_taken_from_the_singular_values_without_another_factorisation(checkpoints_dir, monkeypatch):
+    from lowrank_op import kernels
+
+    path, w = checkpoints_dir["gpt2-untied"]
+    weights = load_safetensors(path, dtype=torch.float64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the norm was computed by a second factorisation")
+
+    monkeypatch.setattr(kernels, "frobenius_norm", refuse)
+    monkeypatch.setattr(FactoredMatrix, "norm", refuse)
+    report = analyze(weights)
+    ref = dense_reference(w)
+    eps = torch.finfo(torch.float64).eps
+    for name in ("ov", "qk"):
+        want = ref[name]["norm"]
+        torch.testing.assert_close(getattr(report, name).norm, want, rtol=100 * eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_from_singular_values_is_scaled_against_overflow(dtype):
+    from lowrank_op.circuits import frobenius_norm_from_singular_values as norm_of
+
+    big = torch.finfo(dtype).max / 4
+    S = torch.tensor([[big, big, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 0.0]], dtype=dtype)
+    got = norm_of(S)
+    expected = torch.tensor([float(big) * math.sqrt(2), 5.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert norm_of(torch.zeros(2, 0, dtype=dtype)).shape == (2,)
+
+
+# --- Non-finite weights and overflow ----------------------------------------------------------------------
+def test_analyze_names_non_finite_weights():
+    w = random_weights(n_layers=2, n_heads=2, d_model=8, d_vocab=20)
+    W_V = w.W_V.clone()
+    W_V[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`W_V` \(W_V\[1\]\) holds NaN or infinity in layer 1"):
+        analyze(dataclasses.replace(w, W_V=W_V))
+    with pytest.raises(ValueError, match=r"`W_E` \(W_E\) holds NaN or infinity; the circuits"):
+        analyze(dataclasses.replace(w, W_E=torch.full_like(w.W_E, float("inf")), W_U=w.W_U))
+
+
+def _scaled_checkpoint(directory, embed_scale, attn_scale=1.0):
+    """The tiny GPT-2 checkpoint with its embedding and attention weights scaled (float32)."""
+    from tiny_checkpoints import WRITERS, canonical_weights, write_checkpoint
+
+    tensors = WRITERS["gpt2"](canonical_weights(**SHAPE))
+    tensors["wte.weight"] = tensors["wte.weight"] * embed_scale
+    for i in range(SHAPE["n_layers"]):
+        tensors[f"h.{i}.attn.c_attn.weight"] = tensors[f"h.{i}.attn.c_attn.weight"] * attn_scale
+    return write_checkpoint(directory, tensors, {"n_head": SHAPE["n_heads"]})
+
+
+@pytest.mark.parametrize(
+    "embed_scale,attn_scale,match",
+    [
+        # factors of about 1e20 are finite in float32, their 8 x 8 core (about 1e40) is not
+        (1e20, 1.0, r"layer 0's OV circuits W_E W_V W_O W_U \(from `wte.weight`, `h.0.attn.c_attn.weight`, "
+                    r"`h.0.attn.c_proj.weight`\): the (singular values|eigenvalues) overflowed float32|"
+                    r"layer 0's OV circuits .*: the decomposition failed .*the factors are finite, so their product overflowed "
+                    r"float32"),
+        # a factor of about 1e40 is not
+        (1e20, 1e20, r"layer 0's OV circuits .*: the factor W_E W_V overflowed float32 \(it holds NaN or infinity "
+                     r"although the weights are finite\); compute in float64 \(--dtype float64\)"),
+    ],
+    ids=["core", "factor"],
+)
+def test_overflow_is_named_and_float64_avoids_it(tmp_path, embed_scale, attn_scale, match):
+    from lowrank_op.errors import NonFiniteResultError
+
+    path = _scaled_checkpoint(tmp_path, embed_scale, attn_scale)
+    with pytest.raises(NonFiniteResultError, match=match):
+        analyze(load_safetensors(path))
+    report = analyze(load_safetensors(path, dtype=torch.float64))
+    assert bool(torch.isfinite(report.ov.singular_values).all()) and bool(torch.isfinite(report.qk.norm).all())

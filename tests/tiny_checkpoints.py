@@ -100,3 +100,18 @@ def tiny_checkpoint(directory: Path, layout: str, prefix: str = "", untied: bool
     key = "n_head" if layout == "gpt2" else "num_attention_heads"
     path = write_checkpoint(directory, WRITERS[layout](w, prefix, untied), {key: shape["n_heads"]} if config else None)
     return path, w
+
+
+# --- Raw files, for malformed checkpoints ----------------------------------------------------------
+def split_safetensors(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's parsed JSON header and its data section."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def join_safetensors(header: dict | bytes, data: bytes, length: int | None = None) -> bytes:
+    """The bytes of a safetensors file: 8-byte little-endian header length (``length`` overrides
+    it), the header (a dict is JSON-encoded), the data."""
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return (len(encoded) if length is None else length).to_bytes(8, "little") + encoded + data
