@@ -83,14 +83,14 @@ class _ProjectedCore(torch.autograd.Function):
         a_shape, b_shape = ctx.shapes
         dA = dB = None
         if ctx.needs_input_grad[0]:
-            dA = _sum_to_shape(_apply_basis((W_A, T_A), gC @ R_B), a_shape)
+            dA = sum_to_shape(_apply_basis((W_A, T_A), gC @ R_B), a_shape)
         if ctx.needs_input_grad[1]:
-            dB = _sum_to_shape(_apply_basis_h((W_B, T_B), R_A.mH @ gC), b_shape)
+            dB = sum_to_shape(_apply_basis_h((W_B, T_B), R_A.mH @ gC), b_shape)
         dA, dB = _first_order((dA, dB), (A, B), ctx.what)
         return dA, dB, None, None, None, None, None, None, None
 
 
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+def sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     """Reduce a broadcast gradient to the shape of the tensor it belongs to."""
     extra = grad.dim() - len(shape)
     if extra:
@@ -156,8 +156,8 @@ class _SVDBackward(torch.autograd.Function):
             Vy = torch.cat([V, gV - V @ K], -1)
         dA = dB = None
         if ctx.needs_input_grad[0]:
-            dA = _sum_to_shape(Z @ (B @ Vy).mH, A.shape)
+            dA = sum_to_shape(Z @ (B @ Vy).mH, A.shape)
         if ctx.needs_input_grad[1]:
-            dB = _sum_to_shape((A.mH @ Z) @ Vy.mH, B.shape)
+            dB = sum_to_shape((A.mH @ Z) @ Vy.mH, B.shape)
         dA, dB = _first_order((dA, dB), (A, B), "SVD")
         return dA, dB, None, None, None, None, None, None, None

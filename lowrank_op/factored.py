@@ -20,7 +20,8 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from lowrank_op import _indexing, kernels, solves, sums
+from lowrank_op import _indexing, kernels, scipy_bridge, solves, sums, topk
+from lowrank_op._autograd import sum_to_shape
 from lowrank_op._cache import ResultCache
 from lowrank_op._checks import as_scalar, check_broadcast, check_factors, is_tensor_like, warn_off_host
 from lowrank_op._products import balanced_core, scale_pow2
@@ -31,16 +32,6 @@ from lowrank_op.errors import (
     ShapeMismatchError,
     UndefinedGradientWarning,
 )
-from lowrank_op.scipy_bridge import ScipyProtocol
-
-
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a broadcast gradient back to the shape of the factor it belongs to."""
-    extra = grad.dim() - len(shape)
-    if extra:
-        grad = grad.sum(tuple(range(extra)))
-    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
-    return grad.sum(dims, keepdim=True) if dims else grad
 
 
 def _warn_if_repeated(S: Tensor) -> None:
@@ -59,7 +50,7 @@ def _warn_if_repeated(S: Tensor) -> None:
         )
 
 
-class FactoredMatrix(LinearOperator, ScipyProtocol):
+class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
     r"""The matrix ``M = A @ B``, held as its factors and never formed unless asked for.
 
     Parameters
@@ -173,11 +164,11 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         grads = []
         if self._A.requires_grad:
-            grads.append(_sum_to_shape(left_vecs @ (self._B @ right_vecs).mH, self._A.shape))
+            grads.append(sum_to_shape(left_vecs @ (self._B @ right_vecs).mH, self._A.shape))
         else:
             grads.append(None)
         if self._B.requires_grad:
-            grads.append(_sum_to_shape((self._A.mH @ left_vecs) @ right_vecs.mH, self._B.shape))
+            grads.append(sum_to_shape((self._A.mH @ left_vecs) @ right_vecs.mH, self._B.shape))
         else:
             grads.append(None)
         return tuple(grads)
@@ -437,8 +428,6 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         >>> torch.allclose(S, fm.S[:5], rtol=1e-4)
         True
         """
-        from lowrank_op import topk
-
         return topk.svds(
             self._A, self._B, k, method, return_singular_vectors=return_singular_vectors, tol=tol,
             maxiter=maxiter, random_state=random_state, progress=progress,
@@ -476,8 +465,6 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
         Exact path: ``O(ldim mdim^2 + mdim^3)``, one batched call; Arnoldi: ``O(ldim mdim)`` per
         application. See :func:`lowrank_op.topk.eigs`.
         """
-        from lowrank_op import topk
-
         return topk.eigs(
             self._A, self._B, k, method, tol=tol, maxiter=maxiter, random_state=random_state, progress=progress
         )
@@ -499,8 +486,6 @@ class FactoredMatrix(LinearOperator, ScipyProtocol):
                 f"to_scipy() needs a 2-D FactoredMatrix; this one has shape {tuple(self.shape)}. Index "
                 "one matrix first, e.g. fm[0].to_scipy() (or fm[layer, head] for more leading dims)."
             )
-        from lowrank_op import scipy_bridge
-
         warn_off_host(self._A, "to_scipy()")
         return scipy_bridge.FactoredScipyOperator(self._A, self._B)
 

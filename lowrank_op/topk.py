@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lowrank_op import choices, kernels, settings
+from lowrank_op import choices, kernels, scipy_bridge, settings
 from lowrank_op._checks import check_choice, check_factors, warn_off_host
 from lowrank_op.errors import BudgetExceeded, KrylovFailure, UndefinedGradientWarning
 
@@ -258,13 +258,6 @@ def _warn_for_krylov(method: str, A: Tensor, B: Tensor) -> None:
 
 
 # --- The driver: exact on the whole batch, Krylov per matrix ------------------------------------------
-def _scipy_bridge():
-    """:mod:`lowrank_op.scipy_bridge` (imported with :mod:`lowrank_op.factored` already)."""
-    from lowrank_op import scipy_bridge
-
-    return scipy_bridge
-
-
 def _matrices(A: Tensor, B: Tensor, progress: bool, desc: str):
     """``(batch_shape, iterator of (index, 2-D A, 2-D B))``, with a tqdm bar if ``progress``."""
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
@@ -420,7 +413,7 @@ def svds(
         return U[..., :k], S[..., :k], V[..., :k]
 
     def krylov(a: Tensor, b: Tensor, solver: str, cap: int | None):
-        U, S, V = _scipy_bridge().svds(
+        U, S, V = scipy_bridge.svds(
             a, b, k, solver, want_vectors=want, tol=args.tol, maxiter=args.maxiter,
             random_state=args.random_state, max_applications=cap,
         )
@@ -507,7 +500,7 @@ def eigs(
         return kernels.eigvals(a, b)[..., :k]
 
     def krylov(a: Tensor, b: Tensor, solver: str, cap: int | None) -> Tensor:
-        return _scipy_bridge().eigs(
+        return scipy_bridge.eigs(
             a, b, k, tol=args.tol, maxiter=args.maxiter, random_state=args.random_state, max_applications=cap
         )
 
