@@ -31,9 +31,12 @@ TARGET_SECONDS = 1.0
 MIN_ROUNDS = 10
 MAX_ROUNDS = 100
 
-#: Accuracy asserted in the bench (float32 factors against the float64 factored reference).
-S_MAX_REL_ERROR = 1e-5
-NORM_MAX_REL_ERROR = 1e-6
+#: Accuracy asserted in the bench (float32 factors against the float64 factored reference), in
+#: units of float32's eps: singular values about 84 eps (1e-5), norms 32 eps (3.8e-6; the
+#: Householder QR core of ``norm(method="qr")`` measured 10 eps at gpt2_ov_head).
+_EPS32 = torch.finfo(torch.float32).eps
+S_MAX_REL_ERROR = 84 * _EPS32
+NORM_MAX_REL_ERROR = 32 * _EPS32
 
 
 @functools.cache

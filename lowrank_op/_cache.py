@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: The fingerprint reads memory as rows of this many 64-bit words.
+_WORDS_PER_ROW = 64
 
 
 def _unbroadcast(X: Tensor) -> Tensor:
@@ -39,19 +41,41 @@ def _unbroadcast(X: Tensor) -> Tensor:
     return X[tuple(slice(0, 1) if e else slice(None) for e in expanded)]
 
 
-def fingerprint(X: Tensor) -> tuple[int, ...]:
-    """A fingerprint of the contents of ``X``, bit for bit, in one pass over it.
+def _as_block(X: Tensor) -> Tensor:
+    """``X`` with its dims ordered by stride, so that a dense view (a transpose, say) is contiguous
+    without a copy; a view with gaps is copied."""
+    order = sorted(range(X.dim()), key=lambda d: X.stride(d), reverse=True)
+    Y = X.permute(order)
+    return Y if Y.is_contiguous() else Y.contiguous()
 
-    The elements' bit patterns, read as integers, are summed along the last dim and along all the
-    others in 64-bit arithmetic; the fingerprint is the total and the two sums weighted by odd
-    position weights. A change of any one element always changes the total (its bit pattern
-    changes by a non-zero amount below ``2**64``); several changes go unseen only if they cancel in
-    every row and column sum at once. NaN payloads and ``-0.0`` count as changes, as they should.
+
+def _words(X: Tensor) -> Tensor:
+    """The bits of ``X`` (contiguous, real) as a 1-D int64 tensor: a view when the memory allows
+    it (the common case, no copy), else the elements' bit patterns widened to int64."""
+    bits = X.reshape(-1).view(_INT_VIEW[X.element_size()])
+    per_word = 8 // X.element_size()
+    if per_word == 1:
+        return bits
+    if bits.numel() % per_word == 0 and bits.storage_offset() % per_word == 0:
+        return bits.view(torch.int64)
+    return bits.to(torch.int64)
+
+
+def fingerprint(X: Tensor) -> tuple[int, ...]:
+    """A fingerprint of the contents of ``X``, bit for bit, from one read of its memory.
+
+    The memory is read as 64-bit integer words laid out in rows of ``_WORDS_PER_ROW``; the row sums
+    and the column sums, in wrapping 64-bit arithmetic, are combined with odd position weights,
+    and the fingerprint is the total and the two weighted sums. A change of any one element always
+    changes the total (its word changes by a non-zero amount below ``2**64``); a swap of two
+    words changes a weighted sum; several changes go unseen only if they cancel in every row and
+    every column sum at once. NaN payloads and ``-0.0`` count as changes, as they should. Cost:
+    two reductions over ``numel`` elements, no copy unless ``X`` is a view with gaps.
 
     Returns
     -------
     tuple of int
-        Four Python ints (three sums and the shape's hash), comparable with ``==``.
+        Four Python ints (three sums and a hash of the shape and layout), comparable with ``==``.
     """
     X = _unbroadcast(X.detach())
     flags = (X.is_conj(), X.is_neg())  # lazy conjugate / negative views: the same storage, read otherwise
@@ -61,20 +85,21 @@ def fingerprint(X: Tensor) -> tuple[int, ...]:
         X = X._neg_view()
     if X.is_complex():
         X = torch.view_as_real(X)
-    if X.dim() == 0:
-        X = X.reshape(1, 1)
-    elif X.dim() == 1:
-        X = X.unsqueeze(0)
     if X.dtype == torch.bool:
-        X = X.to(torch.uint8)
-    bits = X.view(_INT_VIEW[X.element_size()])
+        X = X.view(torch.uint8)
+    layout = (tuple(X.shape), tuple(st if n > 1 else 0 for n, st in zip(X.shape, X.stride())), flags)
+    words = _words(_as_block(X))
+    n_rows = words.numel() // _WORDS_PER_ROW
     with torch.no_grad():
-        cols = bits.sum(dim=tuple(range(bits.dim() - 1)), dtype=torch.int64)  # (last,)
-        rows = bits.sum(dim=-1, dtype=torch.int64).reshape(-1)  # (prod(leading),)
+        block = words[: n_rows * _WORDS_PER_ROW].view(n_rows, _WORDS_PER_ROW)
+        tail = words[n_rows * _WORDS_PER_ROW :]
+        cols = block.sum(0)
+        cols[: tail.numel()] += tail
+        rows = torch.cat([block.sum(1), tail.sum().reshape(1)])
         col_w = torch.arange(cols.numel(), dtype=torch.int64, device=cols.device) * 2 + 1
         row_w = torch.arange(rows.numel(), dtype=torch.int64, device=rows.device) * 2 + 1
         sums = torch.stack([cols.sum(), (cols * col_w).sum(), (rows * row_w).sum()])
-    return (*sums.tolist(), hash((tuple(X.shape), flags)))
+    return (*sums.tolist(), hash(layout))
 
 
 def _context() -> tuple[bool, bool]:
