@@ -324,12 +324,16 @@ def _sides(A: Tensor, B: Tensor, method: str, want_q: bool, flagged: bool) -> tu
     for X, tall, name in ((A, mdim < ldim, "A"), (B.mH, mdim < rdim, "B^H")):
         if not tall:
             sides.append((None, None, X))
-        elif flagged:
-            side, ok = _factorise_flagged(X, method, want_q)
-            sides.append(side)
-            flags.append(ok)
         else:
-            sides.append(_factorise(X, method, want_q, name))
+            if flagged:
+                side, ok = _factorise_flagged(X, method, want_q)
+                flags.append(ok)
+            else:
+                side = _factorise(X, method, want_q, name)
+            # Without Q, drop CholeskyQR2's n x m buffer W now, before the other factor is
+            # factorised: the peak is then one factor-sized buffer, not two.
+            sides.append(side if want_q else (None, None, side[2]))
+            del side  # the loop variable would keep W alive through the next factorisation
     flags = [f for f in flags if f is not None]
     ok = flags[0] & flags[1] if len(flags) == 2 else (flags[0] if flags else None)
     return sides[0], sides[1], ok
