@@ -25,3 +25,6 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"lowrank_op tests ran with {torch.get_num_threads()} intra-op thread(s)")
