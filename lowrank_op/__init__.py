@@ -8,7 +8,7 @@ from lowrank_op.errors import IllConditionedWarning, KrylovFailure, PerformanceW
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.added_diag import FactoredAddedDiag
 from lowrank_op.scores import composition_scores
-from lowrank_op import diag_routing
+from lowrank_op import choices, diag_routing, errors, settings
 
 diag_routing.install()  # ``DiagLinearOperator(d) + fm`` becomes a FactoredAddedDiag; see lowrank_op.diag_routing
 
@@ -22,5 +22,8 @@ __all__ = [
     "PerformanceWarning",
     "UndefinedGradientWarning",
     "composition_scores",
+    "choices",
+    "errors",
+    "settings",
     "__version__",
 ]
