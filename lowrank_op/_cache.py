@@ -22,7 +22,7 @@ of about ``mdim``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,12 +132,6 @@ class ResultCache:
             return False
         return all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
 
-    def get(self, key: Hashable, tensors: Sequence[Tensor]) -> Any | None:
-        """The entry under ``key`` if recomputing it from ``tensors`` now would give it; else None."""
-        if key not in self._entries or wants_graph(tensors):
-            return None
-        return self._match(key, self._state(tensors))
-
     def _match(self, key: Hashable, state: tuple) -> Any | None:
         entry = self._entries.get(key)
         if entry is None:
@@ -147,14 +141,29 @@ class ResultCache:
             return None
         return entry[1]
 
-    def get_or_compute(self, key: Hashable, tensors: Sequence[Tensor], compute: Callable[[], Any]) -> Any:
-        """``compute()``, or its cached result under the module's rule."""
+    def get_or_compute(
+        self,
+        key: Hashable,
+        tensors: Sequence[Tensor],
+        compute: Callable[[], Any],
+        reuse: Mapping[Hashable, Callable[[Any], Any]] | None = None,
+    ) -> Any:
+        """``compute()``, or its cached result under the module's rule.
+
+        ``reuse`` maps other keys to a function that derives this result from theirs (the
+        singular values from a cached SVD, say); a valid entry under one of them is used instead
+        of computing. The tensors are fingerprinted once for all the keys looked at.
+        """
         if wants_graph(tensors):
             return compute()
         state = self._state(tensors)
         hit = self._match(key, state)
         if hit is not None:
             return hit
+        for other, derive in (reuse or {}).items():
+            found = self._match(other, state)
+            if found is not None:
+                return derive(found)
         value = compute()
         self._entries[key] = (state, value)
         return value

@@ -317,10 +317,12 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
         to first order and finite on rank-deficient and zero factors (the backward projects on
         orthonormal bases held constant); a second derivative raises RuntimeError.
         """
-        decomposition = self._cache.get(f"svd:{method}", (self._A, self._B))
-        if decomposition is not None:
-            return decomposition[1]
-        return self._cached(f"svdvals:{method}", lambda: kernels.svdvals(self._A, self._B, method=method))
+        return self._cache.get_or_compute(
+            f"svdvals:{method}",
+            (self._A, self._B),
+            lambda: kernels.svdvals(self._A, self._B, method=method),
+            reuse={f"svd:{method}": lambda decomposition: decomposition[1]},  # S of a cached svd()
+        )
 
     @property
     def U(self) -> Tensor:

@@ -112,6 +112,7 @@ def test_no_stale_result_after_an_edit(op, edit, which):
 def test_unchanged_factors_reuse_the_cached_result():
     A, B = _well_separated_factors()
     fm = FactoredMatrix(A, B)
+    assert fm.svd()[1] is fm.S  # S is taken from a cached svd()
     assert fm.S is fm.S
     assert fm.svd()[0] is fm.svd()[0]
     assert fm.eigenvalues is fm.eigenvalues
