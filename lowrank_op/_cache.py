@@ -18,10 +18,21 @@ and the same autograd graph:
 The fingerprint costs one pass over each input (``O(numel)``, about the time of reading it once),
 against the ``O(n mdim^2)`` of the decompositions that are cached, so a hit still saves a factor
 of about ``mdim``.
+
+Two caches follow the rule:
+
+* :class:`ResultCache` belongs to one object (a FactoredMatrix) and is freed with it.
+* :class:`TensorCache` holds results of one or two tensors that many objects share (the QR of an
+  embedding used by every head's circuit, see :mod:`lowrank_op.shared_bases`). An entry is keyed on
+  the tensor a view was taken of (its ``_base``) and the view's layout, so ``W_E``, ``W_E.mT.mT``
+  and ``W_E[:]`` share one entry, and it is dropped when that tensor is freed. Its results are
+  computed without gradients (callers build what needs a graph from them, per call), so the same
+  rule holds: a hit returns what recomputing now would return.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -173,3 +184,104 @@ class ResultCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _root(X: Tensor) -> Tensor:
+    """The tensor whose memory ``X`` views (``X`` itself unless ``X`` is a view)."""
+    return X if X._base is None else X._base
+
+
+def _layout(X: Tensor) -> tuple:
+    """What, beside its root, tells a view apart: where it starts, its shape and strides, and how
+    its memory is read."""
+    return (X.storage_offset(), tuple(X.shape), tuple(X.stride()), X.dtype, X.device, X.is_conj(), X.is_neg())
+
+
+class TensorCache:
+    """Detached results of one or two tensors, shared by every object that holds those tensors.
+
+    Keys are ``(name, (id(root), layout) per tensor, inference mode)``. An entry holds
+    weak references to the roots and, for each tensor, its version counter and
+    :func:`fingerprint`; a lookup matches only when the roots are the same live objects and both
+    figures match. A root's entries are dropped when it is garbage-collected (``weakref.finalize``).
+    ``compute`` runs under ``torch.no_grad()``; its results must not carry a graph.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[tuple, tuple, Any]] = {}
+        self._watched: set[int] = set()
+
+    def _key(self, name: Hashable, tensors: Sequence[Tensor]) -> Hashable:
+        # Entries are detached, so the grad mode does not matter; inference tensors cannot join a
+        # graph later, so the inference mode does.
+        return (name, tuple((id(_root(t)), _layout(t)) for t in tensors), torch.is_inference_mode_enabled())
+
+    @staticmethod
+    def _state(tensors: Sequence[Tensor]) -> tuple:
+        return tuple((t._version, fingerprint(t)) for t in tensors)
+
+    def _watch(self, root: Tensor) -> None:
+        if id(root) not in self._watched:
+            self._watched.add(id(root))
+            weakref.finalize(root, self._drop, id(root))
+
+    def _drop(self, root_id: int) -> None:
+        self._watched.discard(root_id)
+        for key in [k for k in self._entries if any(part[0] == root_id for part in k[1])]:
+            del self._entries[key]
+
+    def _match(self, key: Hashable, tensors: Sequence[Tensor], state: tuple) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        refs, old_state, value = entry
+        if any(ref() is not _root(t) for ref, t in zip(refs, tensors)) or old_state != state:
+            del self._entries[key]
+            return None
+        return value
+
+    def peek(self, name: Hashable, tensors: Sequence[Tensor]) -> Any | None:
+        """The cached result for ``name`` and these tensors, or None (nothing is computed; the
+        tensors are fingerprinted only when an entry exists)."""
+        key = self._key(name, tensors)
+        if key not in self._entries:
+            return None
+        return self._match(key, tensors, self._state(tensors))
+
+    def get_or_compute(
+        self,
+        name: Hashable,
+        tensors: Sequence[Tensor],
+        compute: Callable[[], Any],
+        reuse: Mapping[Hashable, Callable[[Any], Any]] | None = None,
+    ) -> Any:
+        """``compute()`` (run without gradients), or its result cached for these tensors.
+
+        ``reuse`` maps other names to a function deriving this result from theirs (an R factor
+        from a cached QR that also holds Q); the tensors are fingerprinted once for all of them.
+        """
+        state = self._state(tensors)
+        hit = self._match(self._key(name, tensors), tensors, state)
+        if hit is not None:
+            return hit
+        for other, derive in (reuse or {}).items():
+            found = self._match(self._key(other, tensors), tensors, state)
+            if found is not None:
+                return derive(found)
+        with torch.no_grad():
+            value = compute()
+        roots = [_root(t) for t in tensors]
+        for root in roots:
+            self._watch(root)
+        self._entries[self._key(name, tensors)] = (tuple(weakref.ref(r) for r in roots), state, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: The package's one cache of results shared across objects (bases of shared outer factors).
+shared = TensorCache()

@@ -289,9 +289,18 @@ def _aligned_index(X: Tensor, full_shape: torch.Size, lead: tuple) -> tuple:
 def index_factors(A: Tensor, B: Tensor, lead: tuple, row: slice | Tensor, col: slice | Tensor) -> tuple[Tensor, Tensor]:
     """``(A[lead][..., row, :], B[lead][..., :, col])`` for factors with the same number of leading
     dims (size 1 where broadcast), without expanding either along the dims it is shared over."""
-    full = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    A, B = index_chain((A, B), lead, row, col)
+    return A, B
+
+
+def index_chain(factors: tuple[Tensor, ...], lead: tuple, row: slice | Tensor, col: slice | Tensor) -> tuple[Tensor, ...]:
+    """:func:`index_factors` for a chain of factors ``F_0 F_1 ... F_k`` (all with the same number
+    of leading dims, size 1 where broadcast): ``lead`` indexes every factor's leading dims, ``row``
+    the rows of ``F_0`` and ``col`` the columns of ``F_k``; none is expanded along a dim it is
+    shared over."""
+    full = torch.broadcast_shapes(*(F.shape[:-2] for F in factors))
     if lead:
-        A = A[(*_aligned_index(A, full, lead), slice(None), slice(None))]
-        B = B[(*_aligned_index(B, full, lead), slice(None), slice(None))]
+        factors = tuple(F[(*_aligned_index(F, full, lead), slice(None), slice(None))] for F in factors)
     # Rows and columns apart from the leading dims: their index tensors do not broadcast with those.
-    return A[..., row, :], B[..., :, col]
+    first, *middle, last = factors
+    return (first[..., row, :], *middle, last[..., :, col])

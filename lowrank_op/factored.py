@@ -540,8 +540,14 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
     def __matmul__(self, other):
         """``self @ other``, as in TransformerLens: a vector gives a Tensor, a matrix (Tensor or
         TensorLike, batched or not) or a FactoredMatrix gives a FactoredMatrix whose inner dim is the
-        smaller available one. For ``fm @ fm`` the ``mdim x mdim`` core is formed from factors
-        rescaled by powers of two (exact), so factors of opposite extreme scales do not underflow."""
+        smaller available one.
+
+        Two cases give its subclass :class:`~lowrank_op.outer_factored.OuterFactoredMatrix`, with
+        the same ``A``, ``B`` and ``mdim`` (formed when read): a Tensor with more columns than rows
+        (``ov @ W_U``) is kept as the right outer factor instead of multiplied into ``B``; and
+        ``fm @ fm`` keeps its ``mdim x other.mdim`` core ``B @ other.A`` as an inner factor between
+        ``A`` and ``other.B``. The core is formed from factors rescaled by powers of two where it
+        would under- or overflow (exact; then the product is formed into one factor, as before)."""
         if isinstance(other, FactoredMatrix):
             self._check_operand(other, other.ldim, self.rdim, "rows")
             if self.rdim < min(self.mdim, other.mdim):
@@ -551,12 +557,25 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
                 core, k = balanced_core(self._B, other._A)  # (..., mdim, other.mdim), times 2^k
             else:
                 core, k = self._B @ other._A, 0
+            if k == 0 and isinstance(core, Tensor) and isinstance(self._A, Tensor) and isinstance(other._B, Tensor):
+                # The small core stays a factor of its own; self.A and other.B stay outer factors,
+                # factorised once however many pairs they join (lowrank_op.outer_factored).
+                from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
+
+                if other.mdim <= self.mdim:
+                    return OuterFactoredMatrix(core, other._B, left=self._A)
+                return OuterFactoredMatrix(self._A, core, right=other._B)
             if other.mdim <= self.mdim:
                 return FactoredMatrix(scale_pow2(self._A @ core, k), other._B)
             return FactoredMatrix(self._A, scale_pow2(core @ other._B, k))
         if isinstance(other, Tensor) or is_tensor_like(other):
             if len(other.shape) >= 2:
                 self._check_operand(other, other.shape[-2], self.rdim, "rows")
+                if self.rdim > self.mdim and isinstance(other, Tensor) and other.shape[-1] > other.shape[-2]:
+                    # ``other`` widens the product (``ov @ W_U``): kept as an outer factor.
+                    from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
+
+                    return OuterFactoredMatrix(self._A, self._B, right=other)
                 if self.rdim > self.mdim:
                     return FactoredMatrix(self._A, self._B @ other)
                 return FactoredMatrix(self.to_dense(), other)
@@ -571,6 +590,11 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
         if isinstance(other, Tensor) or is_tensor_like(other):
             if len(other.shape) >= 2:
                 self._check_operand(other, other.shape[-1], self.ldim, "columns")
+                if self.ldim > self.mdim and isinstance(other, Tensor) and other.shape[-2] > other.shape[-1]:
+                    # ``other`` widens the product (``W_E @ ov``): kept as an outer factor.
+                    from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
+
+                    return OuterFactoredMatrix(self._A, self._B, left=other)
                 if self.ldim > self.mdim:
                     return FactoredMatrix(other @ self._A, self._B)
                 return FactoredMatrix(other, self.to_dense())

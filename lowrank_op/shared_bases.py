@@ -1,0 +1,352 @@
+"""Products with outer factors, ``M = L @ A @ B @ R``, decomposed through one QR of each outer factor.
+
+An attention head's OV circuit is ``W_E (W_V W_O) W_U``: the embedding ``W_E`` (d_vocab x
+d_model) and unembedding ``W_U`` are the same for every head of every layer. Multiplying them into
+each head's factors costs ``d_vocab d_model d_head`` per head and factor, only to take QRs and Gram
+matrices of the results. Here they are factorised once instead.
+
+The algorithm
+-------------
+With ``L = Q_L R_L`` (``L`` (n, p), ``n > p``, ``Q_L`` orthonormal columns) and
+``R^H = Q_R R_R`` (``R`` (q, r), ``r > q``),
+
+.. math::  M = L A B R = Q_L \\,(R_L A)(B R_R^H)\\, Q_R^H,
+
+so the singular values and the Frobenius norm of ``M`` are those of the small product
+``(R_L A)(B R_R^H)``, (p x m)(m x q), handed to :mod:`lowrank_op.kernels`; its singular vectors
+are ``Q_L U_c`` and ``Q_R V_c``. The eigenvalues of a square ``M`` are, apart from zeros, those of
+the m x m ``B (R L) A`` (``eig(XY)`` and ``eig(YX)`` share their non-zero values), with the q x p
+``R L`` computed once for the pair, or as ``R_L^H R_L`` when ``R`` is ``L^H`` (the QK circuit's
+``W_E ... W_E^T``, or a tied ``W_U``), and the trace is ``tr((R L) A B)``.
+
+Each outer factor's factorisation (CholeskyQR2 with its Householder fallback, or Householder;
+:func:`lowrank_op.kernels.orthogonalize`) and each ``R L`` is kept in the package's shared cache
+(:class:`lowrank_op._cache.TensorCache`): keyed on the tensor's identity, version and contents,
+reused across every product that holds the tensor (OV and QK circuits, all layers), freed with it.
+
+Costs, with ``N`` matrices in the batch sharing each outer factor:
+
+=================================  ==========================================================
+one QR of ``L`` (or ``R^H``)       ``O(n p^2)``, once per tensor (then cached)
+``R L``                            ``O(n p q)``, once per pair (``O(p^3)`` when ``R = L^H``)
+per matrix, values only            ``O(m p^2 + m q^2 + (p + q) m^2)``: nothing of size ``n``
+vectors (``svd()``)                ``+ O((n + r) m)`` per matrix for ``U = Q_L U_c``,
+                                   ``V = Q_R V_c``
+forming ``L A`` and ``B R``        ``O(N n p m)``, what the shared path avoids
+=================================  ==========================================================
+
+``outer="auto"`` decides per side: the basis is used when the factor is tall (``n > p``), at
+least as wide as the inner dim (``p >= m``, so the core keeps every singular value), and either
+its factorisation is already cached or the ``N m`` columns it would be multiplied into are at
+least its ``p`` columns (forming them would cost at least the factorisation). Otherwise that side
+is formed (``L A`` per matrix), which is also what ``"formed"`` does everywhere. Every choice is
+reported to :mod:`lowrank_op.choices` (operation ``"outer_factor"``).
+
+Gradients: the factorisations are computed without gradients. When an outer factor needs one,
+``R_L`` is recomputed per call as ``Q_L^H L`` with ``Q_L`` held constant, which is exact to first
+order for singular values and norms (``L`` lies in ``range(Q_L)``, so the projection loses
+nothing), and ``R L`` is recomputed as a product. Singular vectors with gradients on an outer
+factor take the formed path (a constant ``Q_L`` would drop the part of ``dU`` outside it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowrank_op import _cache, choices, kernels
+from lowrank_op._checks import check_choice
+from lowrank_op._products import fold_matmul
+
+OUTER_METHODS = ("auto", "shared", "formed")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """``X = Q @ R`` for a factor ``X`` of shape (..., n, p).
+
+    Attributes
+    ----------
+    R : Tensor, shape (..., min(n, p), p)
+        Upper triangular; ``X`` itself (promoted) when ``identity``.
+    Q : Tensor, shape (..., n, min(n, p)), or None
+        Orthonormal columns; None when not formed, or when ``identity`` (``Q`` is ``I_n``).
+    identity : bool
+        ``X`` is not tall (``n <= p``): nothing was factorised.
+    """
+
+    R: Tensor
+    Q: Tensor | None
+    identity: bool
+
+
+def _is_tall(X: Tensor) -> bool:
+    return X.shape[-2] > X.shape[-1]
+
+
+def _factorise(X: Tensor, method: str, want_q: bool) -> Basis:
+    """QR of a tall ``X`` (detached, promoted); a batch member holding NaN or infinity gets NaN
+    ``Q`` and ``R`` and LAPACK never sees it."""
+    X, bad = kernels._lapack_safe(kernels.promote(X.detach())[0])
+    W, T, R = kernels._factorise(X, method, want_q, "a shared outer factor")
+    Q = None if not want_q else (W if T is None else W @ T)
+    if bool(bad.any()):
+        R = kernels._nan_where(bad, R, 2)
+        Q = None if Q is None else kernels._nan_where(bad, Q, 2)
+    return Basis(R, Q, identity=False)
+
+
+def basis(X: Tensor, method: str = "auto", want_q: bool = False) -> Basis:
+    """The orthogonal-triangular factorisation ``X = Q R`` of an outer factor, from the shared cache.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p)
+        ``L``, or ``R^H`` for a right factor. 16-bit factors are factorised in float32.
+    method : {"auto", "householder", "cholqr2"}
+        As for :func:`lowrank_op.kernels.orthogonalize`.
+    want_q : bool
+        Form ``Q`` (``n x p``, the size of ``X``) too. A cached factorisation with ``Q`` also
+        serves a request without it.
+
+    Returns
+    -------
+    Basis
+        Without gradients. Cost ``O(n p^2)`` on a miss, one fingerprint of ``X`` (``O(n p)``) on a
+        hit. A factor that is not tall gives ``Basis(X, None, identity=True)`` and nothing is cached.
+    """
+    check_choice("method", method, kernels.ORTHO_METHODS)
+    if not _is_tall(X):
+        return Basis(kernels.promote(X)[0], None, identity=True)
+    with_q = ("basis", method, True)
+    if want_q:
+        return _cache.shared.get_or_compute(with_q, (X,), lambda: _factorise(X, method, True))
+    return _cache.shared.get_or_compute(
+        ("basis", method, False), (X,), lambda: _factorise(X, method, False), reuse={with_q: lambda b: b}
+    )
+
+
+def _cached_basis(X: Tensor, method: str) -> bool:
+    return any(_cache.shared.peek(("basis", method, q), (X,)) is not None for q in (True, False))
+
+
+def _needs_grad(X: Tensor | None) -> bool:
+    return X is not None and torch.is_grad_enabled() and X.requires_grad
+
+
+# --- Which sides use their basis ----------------------------------------------------------------
+def _sharing(X: Tensor, batch: torch.Size) -> int:
+    """How many matrices of ``batch`` share each batch member of the outer factor ``X``."""
+    own = math.prod(X.shape[:-2])
+    return math.prod(batch) // own if own else 0
+
+
+def plan(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+         outer: str = "auto") -> tuple[bool, bool]:
+    """``(left, right)``: whether each outer factor is used through its basis (True) or formed
+    into its inner neighbour (False); see the module docstring for ``outer="auto"``'s rule.
+
+    Parameters
+    ----------
+    L : Tensor or None, shape (..., n, p)
+    A : Tensor, shape (..., p, m)
+    B : Tensor, shape (..., m, q)
+    R : Tensor or None, shape (..., q, r)
+    method : str
+        The QR method whose cached factorisations count.
+    outer : {"auto", "shared", "formed"}
+    """
+    check_choice("outer", outer, OUTER_METHODS)
+    m = A.shape[-1]
+    batch = torch.broadcast_shapes(*(X.shape[:-2] for X in (L, A, B, R) if X is not None))
+    decisions, reasons = [], []
+    for name, X in (("L", L), ("R^H", None if R is None else R.mH)):
+        if X is None:
+            decisions.append(False)
+            continue
+        n, p = X.shape[-2:]
+        if outer != "auto":
+            use = outer == "shared" and _is_tall(X) and min(n, p) >= m
+            why = f"outer={outer!r}" + ("" if use or outer == "formed" else f" but {name} {tuple(X.shape)} cannot be")
+        elif not _is_tall(X):
+            use, why = False, f"{name} {tuple(X.shape)} is not tall: forming it in costs no more than its factors"
+        elif p < m:
+            use, why = False, f"{name} {tuple(X.shape)} is narrower than the inner dim {m}"
+        elif _sharing(X, batch) * m >= p:
+            count = _sharing(X, batch)
+            use, why = True, (f"{name} {tuple(X.shape)} is shared by {count} matrices with inner dim {m}: "
+                              f"{count * m} columns >= its {p}")
+        elif _cached_basis(X, method):
+            use, why = True, f"the factorisation of {name} {tuple(X.shape)} is cached"
+        else:
+            count = _sharing(X, batch)
+            use, why = False, (f"{name} {tuple(X.shape)} is shared by {count} matrices with inner dim {m}: "
+                               f"{count * m} columns < its {p}, and its factorisation is not cached")
+        decisions.append(use)
+        reasons.append(f"{name}: {'basis' if use else 'formed'} ({why})")
+    if reasons:
+        chosen = "+".join("basis" if d else "formed" for d, X in zip(decisions, (L, R)) if X is not None)
+        choices.record("outer_factor", chosen, "; ".join(reasons) + ".")
+    return decisions[0], decisions[1]
+
+
+# --- The small core ----------------------------------------------------------------------------
+def _left_reduced(L: Tensor, method: str, want_q: bool) -> Tensor:
+    """``R_L`` with ``L = Q_L R_L``: cached, or ``Q_L^H L`` (gradient to ``L``, ``Q_L`` constant)."""
+    if not _needs_grad(L):
+        return basis(L, method, want_q).R
+    b = basis(L, method, want_q=True)
+    return kernels.promote(L)[0] if b.identity else b.Q.mH @ kernels.promote(L)[0]
+
+
+def _right_reduced(R: Tensor, method: str, want_q: bool) -> Tensor:
+    """``R_R^H`` with ``R^H = Q_R R_R`` (so ``R = R_R^H Q_R^H``); as :func:`_left_reduced`."""
+    if not _needs_grad(R):
+        return basis(R.mH, method, want_q).R.mH
+    b = basis(R.mH, method, want_q=True)
+    return kernels.promote(R)[0] if b.identity else kernels.promote(R)[0] @ b.Q
+
+
+def core_factors(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+                 sides: tuple[bool, bool] = (True, True), want_q: bool = False) -> tuple[Tensor, Tensor]:
+    """``(X, Y)`` with ``L A B R = Q_L (X Y) Q_R^H``.
+
+    ``X = R_L A`` where the left side uses its basis (``sides[0]``, from :func:`plan`), else
+    ``L A``; ``Y = B R_R^H``, else ``B R``; shapes (..., p, m) and (..., m, q) (``n``, ``r`` on
+    formed sides), promoted to the compute dtype. ``Q_L`` (``Q_R``) is the identity on a formed
+    side. ``want_q`` asks for factorisations that keep ``Q`` (for vectors afterwards).
+    """
+    left, right = sides
+    A, B = kernels.promote(A, B)
+    X = A if L is None else fold_matmul(_left_reduced(L, method, want_q) if left else kernels.promote(L)[0], A)
+    Y = B if R is None else fold_matmul(B, _right_reduced(R, method, want_q) if right else kernels.promote(R)[0])
+    return X, Y
+
+
+def svdvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+            outer: str = "auto") -> Tensor:
+    """Singular values of ``L @ A @ B @ R``, descending, shape (..., min(ldim, mdim, rdim)).
+
+    Parameters
+    ----------
+    L : Tensor or None, shape (..., n, p)
+        None for no left factor (the identity).
+    A : Tensor, shape (..., p, m)
+    B : Tensor, shape (..., m, q)
+    R : Tensor or None, shape (..., q, r)
+    method : {"auto", "householder", "cholqr2"}
+        QR method of every factorisation (:func:`lowrank_op.kernels.orthogonalize`).
+    outer : {"auto", "shared", "formed"}
+        Whether outer factors are used through their bases; see the module docstring.
+
+    Notes
+    -----
+    :func:`lowrank_op.kernels.svdvals` of the core :func:`core_factors`. Cost per matrix
+    ``O(m (p^2 + q^2) + (p + q) m^2)`` once the bases are cached.
+    """
+    sides = plan(L, A, B, R, method, outer)
+    return kernels.svdvals(*core_factors(L, A, B, R, method, sides), method=method)
+
+
+def frobenius_norm(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+                   outer: str = "auto", norm_method: str = "auto") -> Tensor:
+    """Frobenius norm of ``L @ A @ B @ R``, shape (...): the core's, by
+    :func:`lowrank_op.kernels.frobenius_norm` (``norm_method``); arguments as :func:`svdvals`."""
+    sides = plan(L, A, B, R, method, outer)
+    return kernels.frobenius_norm(*core_factors(L, A, B, R, method, sides), method=norm_method)
+
+
+def svd(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+        outer: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, S, V)`` of ``L @ A @ B @ R``; ``V`` holds right singular vectors as columns.
+
+    ``U = Q_L U_c`` and ``V = Q_R V_c`` from :func:`lowrank_op.kernels.svd` of the core, one
+    ``(n, p) @ (p, k)`` product per matrix and side (the outputs' own size). When an outer factor
+    needs a gradient its side is formed (a constant ``Q_L`` would lose part of ``dU``); arguments
+    as :func:`svdvals`.
+    """
+    if _needs_grad(L) or _needs_grad(R):
+        outer = "formed"
+    sides = plan(L, A, B, R, method, outer)
+    X, Y = core_factors(L, A, B, R, method, sides, want_q=True)
+    U_c, S, V_c = kernels.svd(X, Y, method=method)
+    U = fold_matmul(basis(L, method, want_q=True).Q, U_c) if sides[0] else U_c
+    V = fold_matmul(basis(R.mH, method, want_q=True).Q, V_c) if sides[1] else V_c
+    return U, S, V
+
+
+# --- Eigenvalues and traces of a square product ---------------------------------------------------
+def _same_view(X: Tensor, Y: Tensor) -> bool:
+    return _cache._root(X) is _cache._root(Y) and _cache._layout(X) == _cache._layout(Y)
+
+
+def closing_product(R: Tensor, L: Tensor, method: str = "auto") -> Tensor:
+    """``R @ L`` (``R`` (..., q, n), ``L`` (..., n, p)), the q x p matrix that closes the cycle
+    ``B (R L) A``; from the shared cache.
+
+    When ``R`` is ``L^H`` (the same memory read as a conjugate transpose) it is ``R_L^H R_L`` from
+    ``L``'s cached factorisation (``O(p^3)``); otherwise ``O(n p q)`` once per pair. With
+    gradients on either factor it is the plain product, per call.
+    """
+    if _needs_grad(R) or _needs_grad(L):
+        return fold_matmul(*kernels.promote(R, L))
+    if _same_view(R.mH, L) and _is_tall(L):
+        b = basis(L, method)
+        return b.R.mH @ b.R
+    return _cache.shared.get_or_compute(("closing_product",), (R, L), lambda: fold_matmul(*kernels.promote(R, L)))
+
+
+def _cycle(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str, outer: str) -> tuple[Tensor, Tensor]:
+    """``(X, Y)`` with ``eig(Y X) = eig(B R L A)``, the eigenvalues of ``(B R) (L A)``: ``X = (R L) A``
+    (``R A`` or ``L A`` when a side is absent), ``Y = B``. ``outer="auto"`` takes ``R L`` when it
+    is cached or the batch's ``N m (p + q)`` columns reach its ``p q`` entries; else ``Y X`` is
+    ``(B R)(L A)`` formed per matrix (``"formed"``)."""
+    check_choice("outer", outer, OUTER_METHODS)
+    A, B = kernels.promote(A, B)
+    if L is None and R is None:
+        return A, B
+    if L is None or R is None:
+        C = kernels.promote(L if R is None else R)[0]
+        return fold_matmul(C, A), B
+    p, q = L.shape[-1], R.shape[-2]
+    if outer == "auto":
+        batch = torch.broadcast_shapes(*(X.shape[:-2] for X in (L, A, B, R)))
+        count = math.prod(batch) // max(math.prod(torch.broadcast_shapes(L.shape[:-2], R.shape[:-2])), 1)
+        enough = count * A.shape[-1] * (p + q) >= p * q
+        cached = not enough and (_cache.shared.peek(("closing_product",), (R, L)) is not None or (
+            _same_view(R.mH, L) and _cached_basis(L, method)))
+        use = cached or enough
+        choices.record(
+            "closing_product", "shared" if use else "formed",
+            f"R L ({q} x {p}) {'is cached' if cached else f'serves {count} matrices'}"
+            + ("" if cached else f": {count * A.shape[-1] * (p + q)} columns {'>=' if use else '<'} {p * q} entries") + ".",
+        )
+        outer = "shared" if use else "formed"
+    if outer == "formed":
+        Lp, Rp = kernels.promote(L, R)
+        return fold_matmul(Lp, A), fold_matmul(B, Rp)
+    return fold_matmul(closing_product(R, L, method), A), B
+
+
+def reverse_product_eigvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+                            outer: str = "auto") -> Tensor:
+    """Eigenvalues of ``(B R)(L A)``, complex, shape (..., m), in LAPACK's order: TransformerLens's
+    ``eigenvalues`` of the formed product. Cost per matrix ``O(m p q + m^2 q + m^3)`` once ``R L``
+    is cached; see :func:`lowrank_op.kernels.reverse_product_eigvals`."""
+    return kernels.reverse_product_eigvals(*_cycle(L, A, B, R, method, outer))
+
+
+def eigvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+            outer: str = "auto") -> Tensor:
+    """Eigenvalues of the square ``L @ A @ B @ R``, complex, shape (..., m), by descending modulus,
+    the ones beyond its rank exact zeros (:func:`lowrank_op.kernels.eigvals` of the cycle)."""
+    return kernels.eigvals(*_cycle(L, A, B, R, method, outer))
+
+
+def trace(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+          outer: str = "auto") -> Tensor:
+    """Trace of the square ``L @ A @ B @ R``, shape (...): ``tr((R L) A B)``, ``O(p q m)`` per matrix."""
+    return kernels.trace(*_cycle(L, A, B, R, method, outer))
