@@ -108,10 +108,12 @@ class OuterFactoredMatrix(FactoredMatrix):
             left = _check_outer("left", left, A, "left")
         if right is not None:
             right = _check_outer("right", right, B, "right")
-        factors = [X for X in (left, A, B, right) if X is not None]
-        batch = factors[0].shape[:-2]
-        for X in factors[1:]:
-            batch = check_broadcast("the outer factors", batch, "the inner factors", X.shape[:-2])
+        # Pairwise broadcastable leading dims are jointly broadcastable (per dim, every size other
+        # than 1 is the same); check_broadcast takes full shapes and names both operands.
+        named = [(f"`{name}`", X) for name, X in (("left", left), ("A", A), ("B", B), ("right", right)) if X is not None]
+        for i, (first, X) in enumerate(named):
+            for second, Y in named[i + 1 :]:
+                check_broadcast(first, X.shape, second, Y.shape)
         LinearOperator.__init__(self, A, B, *(X for X in (left, right) if X is not None), sides=sides)
         self._sides = sides
         self._left, self._right = left, right
@@ -280,7 +282,11 @@ class OuterFactoredMatrix(FactoredMatrix):
     # --- products that keep the outer factors ---------------------------------------------------------
     def __matmul__(self, other):
         """``self @ other``; a Tensor that widens the columns (more of them than its rows) becomes,
-        or joins, the right outer factor; everything else as for FactoredMatrix."""
+        or joins, the right outer factor; a vector is multiplied through the four factors (nothing
+        formed); everything else as for FactoredMatrix."""
+        if isinstance(other, Tensor) and other.dim() == 1:
+            self._check_operand(other, other.shape[-1], self.rdim, "entries")
+            return self._matmul(other.unsqueeze(-1)).squeeze(-1)
         if isinstance(other, Tensor) and other.dim() >= 2 and other.shape[-1] > other.shape[-2]:
             self._check_operand(other, other.shape[-2], self.rdim, "rows")
             L, A, B, R = self._chain()
@@ -288,7 +294,11 @@ class OuterFactoredMatrix(FactoredMatrix):
         return super().__matmul__(other)
 
     def __rmatmul__(self, other):
-        """``other @ self``; a Tensor that widens the rows becomes, or joins, the left outer factor."""
+        """``other @ self``; a Tensor that widens the rows becomes, or joins, the left outer factor; a
+        vector is multiplied through the four factors (nothing formed)."""
+        if isinstance(other, Tensor) and other.dim() == 1:
+            self._check_operand(other, other.shape[-1], self.ldim, "entries")
+            return self._t_matmul(other.unsqueeze(-1)).squeeze(-1)
         if isinstance(other, Tensor) and other.dim() >= 2 and other.shape[-2] > other.shape[-1]:
             self._check_operand(other, other.shape[-1], self.ldim, "columns")
             L, A, B, R = self._chain()

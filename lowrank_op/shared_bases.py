@@ -341,8 +341,17 @@ def reverse_product_eigvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | 
 
 def eigvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
             outer: str = "auto") -> Tensor:
-    """Eigenvalues of the square ``L @ A @ B @ R``, complex, shape (..., m), by descending modulus,
-    the ones beyond its rank exact zeros (:func:`lowrank_op.kernels.eigvals` of the cycle)."""
+    """Eigenvalues of the square ``L @ A @ B @ R``, complex, shape (..., m), by descending modulus
+    (:func:`lowrank_op.kernels.eigvals` of the cycle). When the product is smaller than the inner
+    dim (``n < m``) its own ``n x n`` ``(L A)(B R)`` is decomposed and the other ``m - n`` are exact
+    zeros, as :meth:`lowrank_op.FactoredMatrix.eigvals` gives them (forming costs ``O(n p m + m q n)``,
+    no more than the cycle with ``n`` that small)."""
+    n = (A if L is None else L).shape[-2]
+    if n < A.shape[-1]:
+        A, B = kernels.promote(A, B)
+        X = A if L is None else fold_matmul(kernels.promote(L)[0], A)
+        Y = B if R is None else fold_matmul(B, kernels.promote(R)[0])
+        return kernels.eigvals(X, Y)
     return kernels.eigvals(*_cycle(L, A, B, R, method, outer))
 
 

@@ -8,6 +8,8 @@ of the data, which bounds ``|A @ B|`` and every backward-stable error.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
@@ -164,12 +166,15 @@ def assert_orthonormal(X: Tensor, atol: float, what: str = "") -> None:
 def check_svd(U: Tensor, S: Tensor, V: Tensor, A: Tensor, B: Tensor) -> int:
     """``(U, S, V)`` is a thin SVD of ``A @ B``: shapes, dtypes, values, vectors (sign-invariantly).
     Returns how many singular pairs were separated enough to have their projectors compared."""
-    dtype = A.dtype
-    M = dense(A, B)
-    scale = scale_of(A, B)
+    k = min(A.shape[-2], A.shape[-1], B.shape[-1])
+    return check_svd_of(U, S, V, dense(A, B), scale_of(A, B), A.dtype, k)
+
+
+def check_svd_of(U: Tensor, S: Tensor, V: Tensor, M: Tensor, scale: Tensor, dtype: torch.dtype, k: int) -> int:
+    """:func:`check_svd` against the dense reference ``M`` (float64 / complex128) of a product of
+    factors in ``dtype`` whose errors are bounded by ``scale``; ``k`` singular triplets."""
     lead = M.shape[:-2]
-    ldim, mdim, rdim = A.shape[-2], A.shape[-1], B.shape[-1]
-    k = min(ldim, mdim, rdim)
+    ldim, rdim = M.shape[-2:]
     assert U.shape == (*lead, ldim, k), U.shape
     assert S.shape == (*lead, k), S.shape
     assert V.shape == (*lead, rdim, k), V.shape
@@ -194,7 +199,7 @@ def check_singular_projectors(U: Tensor, V: Tensor, M: Tensor, scale: Tensor, rt
     U_ref, S_ref, Vh_ref = torch.linalg.svd(M, full_matrices=False)
     k = U.shape[-1]
     lead = M.shape[:-2]
-    flat = lambda X: X.reshape(-1, *X.shape[len(lead):])  # noqa: E731
+    flat = lambda X: X.reshape(int(np.prod(lead)), *X.shape[len(lead):])  # noqa: E731  (empty dims allowed)
     U, V, U_ref, S_ref, Vh_ref = flat(U.to(M.dtype)), flat(V.to(M.dtype)), flat(U_ref), flat(S_ref), flat(Vh_ref)
     scales = scale.expand(lead).reshape(-1)
     checked = 0
@@ -258,3 +263,69 @@ def factor_specs(draw, square: bool = False, max_dim: int = 8, rank_deficient: b
         rank = draw(st.integers(1, mdim - 1))
     seed = draw(st.integers(0, 2**31 - 1))
     return (*a_lead, ldim, mdim), (*b_lead, mdim, rdim), rank, seed
+
+
+# --- chains L @ A @ B @ R (OuterFactoredMatrix) -------------------------------------------------
+@dataclass(frozen=True)
+class Chain:
+    """The factors of ``L @ A @ B @ R``: shapes (None: no outer factor on that side), ``tie``
+    ``"R=L^T"`` (``R`` is the view ``L.mT``: the QK circuit's ``W_E ... W_E^T``) or ``"L=R^T"`` (``L``
+    is ``R.mT``: a tied unembedding), and ``distinct_rows``: ``L`` repeats that many distinct rows
+    (an embedding with repeated rows, so a rank-deficient tall factor)."""
+
+    left: tuple[int, ...] | None
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+    right: tuple[int, ...] | None
+    tie: str = ""
+    distinct_rows: int | None = None
+
+    @property
+    def square(self) -> bool:
+        n = (self.a if self.left is None else self.left)[-2]
+        r = (self.b if self.right is None else self.right)[-1]
+        return n == r
+
+
+def make_chain(chain: Chain, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """``(L, A, B, R)`` for ``chain`` (None where absent), drawn in float64 (complex128) and cast."""
+    gen = torch.Generator().manual_seed(seed)
+    A = randn(*chain.a, dtype=dtype, gen=gen)
+    B = randn(*chain.b, dtype=dtype, gen=gen)
+    L = R = None
+    if chain.left is not None and chain.tie != "L=R^T":
+        if chain.distinct_rows is None:
+            L = randn(*chain.left, dtype=dtype, gen=gen)
+        else:
+            *lead, n, p = chain.left
+            rows = randn(*lead, chain.distinct_rows, p, dtype=dtype, gen=gen)
+            L = rows[..., torch.arange(n) % chain.distinct_rows, :].contiguous()
+    if chain.right is not None and chain.tie != "R=L^T":
+        R = randn(*chain.right, dtype=dtype, gen=gen)
+    if chain.tie == "R=L^T":
+        R = L.mT
+    elif chain.tie == "L=R^T":
+        L = R.mT
+    return L, A, B, R
+
+
+def dense_chain(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None) -> Tensor:
+    """``L @ A @ B @ R`` in float64 (complex128) from the exact factor values."""
+    r = ref_dtype(A.dtype)
+    M = A.to(r) @ B.to(r)
+    if L is not None:
+        M = L.to(r) @ M
+    if R is not None:
+        M = M @ R.to(r)
+    return M
+
+
+def chain_scale(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None) -> Tensor:
+    """``|L|_F |A|_F |B|_F |R|_F`` per leading index, float64: bounds ``|L A B R|`` and every
+    backward-stable error of a computation through the four factors."""
+    r = ref_dtype(A.dtype)
+    norms = [torch.linalg.matrix_norm(X.to(r)) for X in (L, A, B, R) if X is not None]
+    scale = norms[0]
+    for n in norms[1:]:
+        scale = scale * n
+    return scale.clamp_min(1e-300)

@@ -31,10 +31,18 @@ Overrides of shipped tests, each because of a documented TransformerLens meaning
   overridden: index grids mean the same under both, see :mod:`lowrank_op._indexing`.)
 
 Nothing else is overridden.
+
+The same suites run on :class:`~lowrank_op.outer_factored.OuterFactoredMatrix` (``L @ (A @ B) @ R``,
+a FactoredMatrix subclass with four tensors in its representation), rectangular and square, with
+batches that broadcast between the outer and the inner factors, and with one outer factor only,
+through the same override mixins: the TransformerLens meanings above are the subclass's too (its
+``__getitem__`` is routed to linear_operator's as FactoredMatrix's is), and its square class, like
+FactoredMatrix's, is a symmetric positive definite ``L A A^T L^T`` whose solves are direct.
 """
 
 from __future__ import annotations
 
+import contextlib
 import unittest
 from unittest.mock import patch
 
@@ -46,6 +54,7 @@ from linear_operator.test.linear_operator_test_case import (
 )
 
 from lowrank_op import FactoredMatrix
+from lowrank_op.outer_factored import OuterFactoredMatrix
 
 
 class _TransformerLensMatmul:
@@ -74,6 +83,16 @@ class _TransformerLensMatmul:
                 self.assertAllClose(arg.grad, arg_copy.grad, **self.tolerances["matmul"])
 
 
+@contextlib.contextmanager
+def _linear_operators_getitem():
+    """``fm[...]`` as linear_operator's ``LinearOperator.__getitem__`` (over the class's hooks), for
+    FactoredMatrix and for its subclass, which has a ``__getitem__`` of its own."""
+    with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__), patch.object(
+        OuterFactoredMatrix, "__getitem__", LinearOperator.__getitem__
+    ):
+        yield
+
+
 class _TransformerLensIndexing:
     """The shipped getitem tests through linear_operator's ``__getitem__`` (the hooks), then
     ``fm[...]``'s TransformerLens meaning on the same kinds of index."""
@@ -95,12 +114,12 @@ class _TransformerLensIndexing:
             self.assertAllClose(res.to_dense(), expected)
 
     def test_getitem(self):
-        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+        with _linear_operators_getitem():
             super().test_getitem()
         self._tl_meaning()
 
     def test_getitem_tensor_index(self):
-        with patch.object(FactoredMatrix, "__getitem__", LinearOperator.__getitem__):
+        with _linear_operators_getitem():
             super().test_getitem_tensor_index()
         self._tl_meaning()
 
@@ -135,11 +154,9 @@ class TestRectangularBroadcastFactors(_Rectangular, unittest.TestCase):
     a_shape, b_shape = (2, 1, 5, 3), (3, 3, 6)
 
 
-class _SymmetricPositiveDefinite(_TransformerLensIndexing, _TransformerLensMatmul, LinearOperatorTestCase):
-    """``L @ L^T`` with a wide ``L`` (mdim > n): square, symmetric, positive definite."""
-
-    seed = 0
-    root_shape: tuple[int, ...] = ()
+class _ExactSolves:
+    """Solves and log-determinants are direct (never CG): the shipped tests in ``cholesky`` mode,
+    and the exact partial derivatives of independent factors (see the module docstring)."""
 
     def _test_solve(self, rhs, lhs=None, cholesky=False):
         self._ensure_symmetric_grad = lambda grad: grad
@@ -147,6 +164,13 @@ class _SymmetricPositiveDefinite(_TransformerLensIndexing, _TransformerLensMatmu
 
     def _test_inv_quad_logdet(self, reduce_inv_quad=True, cholesky=False, linear_op=None):
         super()._test_inv_quad_logdet(reduce_inv_quad=reduce_inv_quad, cholesky=True, linear_op=linear_op)
+
+
+class _SymmetricPositiveDefinite(_ExactSolves, _TransformerLensIndexing, _TransformerLensMatmul, LinearOperatorTestCase):
+    """``L @ L^T`` with a wide ``L`` (mdim > n): square, symmetric, positive definite."""
+
+    seed = 0
+    root_shape: tuple[int, ...] = ()
 
     def create_linear_op(self):
         root = torch.randn(*self.root_shape)
@@ -163,6 +187,68 @@ class TestSymmetricPositiveDefinite(_SymmetricPositiveDefinite, unittest.TestCas
 
 class TestSymmetricPositiveDefiniteBatch(_SymmetricPositiveDefinite, unittest.TestCase):
     root_shape = (3, 5, 7)
+
+
+# --- OuterFactoredMatrix: the same suites, the same overrides --------------------------------------
+class _OuterRectangular(_TransformerLensIndexing, _TransformerLensMatmul, RectangularLinearOperatorTestCase):
+    seed = 0
+    #: shapes of L, A, B, R (None: no outer factor on that side)
+    shapes: tuple = ()
+
+    def create_linear_op(self):
+        L, A, B, R = (None if shape is None else torch.randn(*shape) for shape in self.shapes)
+        return OuterFactoredMatrix(A, B, left=L, right=R)
+
+    def evaluate_linear_op(self, linear_op):
+        return linear_op.A @ linear_op.B
+
+
+class TestOuterRectangular(_OuterRectangular, unittest.TestCase):
+    # a tall left and a wide right outer factor around a rank-2 inner product
+    shapes = ((7, 3), (3, 2), (2, 4), (4, 9))
+
+
+class TestOuterRectangularBatch(_OuterRectangular, unittest.TestCase):
+    # batched outer factors broadcasting with batched inner ones: (2, 1) with (3,) -> (2, 3)
+    shapes = ((2, 1, 7, 3), (3, 3, 2), (3, 2, 4), (4, 9))
+
+
+class TestOuterRectangularLeftOnly(_OuterRectangular, unittest.TestCase):
+    shapes = ((7, 3), (2, 3, 2), (2, 2, 4), None)
+
+
+class TestOuterRectangularRightOnly(_OuterRectangular, unittest.TestCase):
+    shapes = (None, (5, 2), (2, 4), (2, 4, 9))
+
+
+class _OuterSymmetricPositiveDefinite(_ExactSolves, _TransformerLensIndexing, _TransformerLensMatmul, LinearOperatorTestCase):
+    """``L A A^T L^T`` with wide ``L`` and ``A`` (n <= p <= m): square, symmetric, positive definite."""
+
+    seed = 0
+    l_shape: tuple[int, ...] = ()
+    a_shape: tuple[int, ...] = ()
+
+    def create_linear_op(self):
+        L = torch.randn(*self.l_shape) + 2.0 * torch.eye(*self.l_shape[-2:])  # keeps it well conditioned
+        A = torch.randn(*self.a_shape) + 2.0 * torch.eye(*self.a_shape[-2:])
+        return OuterFactoredMatrix(A, A.mT.clone(), left=L, right=L.mT.clone())
+
+    def evaluate_linear_op(self, linear_op):
+        return linear_op.A @ linear_op.B
+
+
+class TestOuterSymmetricPositiveDefinite(_OuterSymmetricPositiveDefinite, unittest.TestCase):
+    l_shape, a_shape = (5, 6), (6, 8)
+
+
+class TestOuterSymmetricPositiveDefiniteBatch(_OuterSymmetricPositiveDefinite, unittest.TestCase):
+    # 2-D outer factors shared by a batch of inner ones
+    l_shape, a_shape = (5, 6), (3, 6, 8)
+
+
+class TestOuterSymmetricPositiveDefiniteBatchOuter(_OuterSymmetricPositiveDefinite, unittest.TestCase):
+    # batched outer factors around a 2-D inner product
+    l_shape, a_shape = (3, 5, 6), (6, 8)
 
 
 # --- linear_operator's internal uses of indexing and squeeze keep its meaning ----------------------

@@ -2,6 +2,9 @@
 
 A TorchDispatchMode sees every tensor each aten op produces; the largest one must stay within a
 small multiple of the factors' size. Deterministic, unlike a reading of the process's memory.
+
+For an OuterFactoredMatrix ``W_E @ ov @ W_U`` the bound is tighter: nothing the size of the formed
+factor ``W_E @ W_V`` (heads x vocab x d_head), only buffers the size of an outer factor.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lowrank_op import FactoredMatrix
+from lowrank_op.outer_factored import OuterFactoredMatrix
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -94,3 +98,44 @@ def test_the_check_catches_a_densifying_path():
     fm = FactoredMatrix(torch.randn(LDIM, MDIM), torch.randn(MDIM, RDIM))
     largest, _ = _largest(fm, lambda fm: fm.AB)
     assert largest == LDIM * RDIM
+
+
+# --- OuterFactoredMatrix: nothing the size of a formed factor L @ A --------------------------------
+HEADS, VOCAB, D_MODEL, D_HEAD = 8, 3000, 8, 4
+
+OUTER_OPERATIONS = {
+    "S": lambda fm: fm.S,
+    "norm": lambda fm: fm.norm(),
+    "norm_qr": lambda fm: fm.norm("qr"),
+    "eigenvalues": lambda fm: fm.eigenvalues,
+    "eigvals": lambda fm: fm.eigvals(),
+    "trace": lambda fm: fm.trace(),
+    "svds_values": lambda fm: fm.svds(2, "exact", return_singular_vectors=False),
+    "eigs": lambda fm: fm.eigs(2, "exact"),
+    "matvec": lambda fm: fm @ torch.randn(VOCAB, dtype=fm.dtype),
+    "rows": lambda fm: fm[:, 10:20],
+    "transpose": lambda fm: fm.T,
+}
+
+
+def _circuit(tied: bool) -> OuterFactoredMatrix:
+    # Fresh outer factors each time, so that their factorisations are computed (not cached).
+    W_E = torch.randn(VOCAB, D_MODEL, dtype=torch.float64)
+    W_U = W_E.mT if tied else torch.randn(D_MODEL, VOCAB, dtype=torch.float64)
+    ov = FactoredMatrix(torch.randn(HEADS, D_MODEL, D_HEAD, dtype=torch.float64), torch.randn(HEADS, D_HEAD, D_MODEL, dtype=torch.float64))
+    circuit = W_E @ ov @ W_U
+    assert isinstance(circuit, OuterFactoredMatrix)
+    return circuit
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["ov", "qk_tied"])
+@pytest.mark.parametrize("name", sorted(OUTER_OPERATIONS))
+def test_shared_outer_factor_paths_stay_outer_factor_sized(name, tied):
+    largest, op = _largest(_circuit(tied), OUTER_OPERATIONS[name])
+    formed = HEADS * VOCAB * D_HEAD  # W_E @ W_V, 4x an outer factor here
+    assert largest <= 2 * VOCAB * D_MODEL < formed, f"{name}: {op} made {largest} elements"
+
+
+def test_the_check_catches_a_formed_outer_factor():
+    largest, _ = _largest(_circuit(False), lambda fm: fm.svdvals(outer="formed"))
+    assert largest >= HEADS * VOCAB * D_HEAD
