@@ -7,6 +7,7 @@ TransformerLens's ``FactoredMatrix`` surface and decompositions that never form 
 from lowrank_op.errors import IllConditionedWarning, KrylovFailure, PerformanceWarning, UndefinedGradientWarning
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.added_diag import FactoredAddedDiag
+from lowrank_op.outer_factored import OuterFactoredMatrix
 from lowrank_op.scores import composition_scores
 from lowrank_op import choices, diag_routing, errors, settings
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FactoredMatrix",
     "FactoredAddedDiag",
+    "OuterFactoredMatrix",
     "IllConditionedWarning",
     "KrylovFailure",
     "PerformanceWarning",

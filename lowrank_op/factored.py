@@ -50,6 +50,11 @@ def _warn_if_repeated(S: Tensor) -> None:
         )
 
 
+def _all_tensors(*items: object) -> bool:
+    """Whether every item is a torch Tensor (not a TensorLike stand-in, which keeps the plain paths)."""
+    return all(isinstance(item, Tensor) for item in items)
+
+
 class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
     r"""The matrix ``M = A @ B``, held as its factors and never formed unless asked for.
 
@@ -557,7 +562,7 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
                 core, k = balanced_core(self._B, other._A)  # (..., mdim, other.mdim), times 2^k
             else:
                 core, k = self._B @ other._A, 0
-            if k == 0 and isinstance(core, Tensor) and isinstance(self._A, Tensor) and isinstance(other._B, Tensor):
+            if k == 0 and _all_tensors(core, self._A, other._B):
                 # The small core stays a factor of its own; self.A and other.B stay outer factors,
                 # factorised once however many pairs they join (lowrank_op.outer_factored).
                 from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
@@ -571,7 +576,7 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
         if isinstance(other, Tensor) or is_tensor_like(other):
             if len(other.shape) >= 2:
                 self._check_operand(other, other.shape[-2], self.rdim, "rows")
-                if self.rdim > self.mdim and isinstance(other, Tensor) and other.shape[-1] > other.shape[-2]:
+                if self.rdim > self.mdim and other.shape[-1] > other.shape[-2] and _all_tensors(other, self._A, self._B):
                     # ``other`` widens the product (``ov @ W_U``): kept as an outer factor.
                     from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
 
@@ -590,7 +595,7 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
         if isinstance(other, Tensor) or is_tensor_like(other):
             if len(other.shape) >= 2:
                 self._check_operand(other, other.shape[-1], self.ldim, "columns")
-                if self.ldim > self.mdim and isinstance(other, Tensor) and other.shape[-2] > other.shape[-1]:
+                if self.ldim > self.mdim and other.shape[-2] > other.shape[-1] and _all_tensors(other, self._A, self._B):
                     # ``other`` widens the product (``W_E @ ov``): kept as an outer factor.
                     from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
 
@@ -631,7 +636,8 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
     def _check_operand(self, other, got: int | None, want: int, what: str) -> None:
         """Dtype, device, size and leading dims of a product operand (TensorLike: size and dims only)."""
         dtype, device = getattr(other, "dtype", None), getattr(other, "device", None)
-        own_dtype, own_device = getattr(self._A, "dtype", None), getattr(self._A, "device", None)
+        # The left factor as held (``_args[0]``): a subclass may form ``_A`` only when it is read.
+        own_dtype, own_device = getattr(self._args[0], "dtype", None), getattr(self._args[0], "device", None)
         if None not in (dtype, own_dtype) and dtype != own_dtype:
             raise DtypeMismatchError(
                 f"dtypes differ in a product: FactoredMatrix of dtype {own_dtype} and operand of dtype "

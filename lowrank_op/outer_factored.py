@@ -275,6 +275,18 @@ class OuterFactoredMatrix(FactoredMatrix):
     def __neg__(self) -> OuterFactoredMatrix:
         return self._scaled(-self._args[0])
 
+    def squeeze(self, dim: int) -> FactoredMatrix | Tensor:
+        """As :meth:`FactoredMatrix.squeeze`; a size-1 leading dim goes from every factor."""
+        position = dim + self.dim() if dim < 0 else dim
+        if self.shape[position] == 1 and position < self.dim() - 2:
+            return self._with(*(None if X is None else X.squeeze(position) for X in self._aligned_factors()))
+        return super().squeeze(dim)
+
+    def get_corner(self, k: int = 3) -> Tensor:
+        """As :meth:`FactoredMatrix.get_corner`, from the first ``k`` rows of ``L`` and columns of ``R``."""
+        corner = self._indexed((), slice(k), slice(k)).to_dense()
+        return corner[tuple(slice(k) for _ in range(corner.dim()))]
+
     def to_dense(self) -> Tensor:
         """The dense product, shape (..., ldim, rdim): ``(L A)(B R)``; costly, and not cached."""
         return self._A @ self._B

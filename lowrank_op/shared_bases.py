@@ -90,7 +90,10 @@ def _is_tall(X: Tensor) -> bool:
 def _factorise(X: Tensor, method: str, want_q: bool) -> Basis:
     """QR of a tall ``X`` (detached, promoted); a batch member holding NaN or infinity gets NaN
     ``Q`` and ``R`` and LAPACK never sees it."""
-    X, bad = kernels._lapack_safe(kernels.promote(X.detach())[0])
+    X = kernels.promote(X.detach())[0]
+    bad = kernels._nonfinite(X)
+    if bool(bad.any()):  # a copy only then: the common case reads the factor once more, no more
+        X = torch.where(kernels._lift(bad, 2), torch.zeros((), dtype=X.dtype, device=X.device), X)
     W, T, R = kernels._factorise(X, method, want_q, "a shared outer factor")
     Q = None if not want_q else (W if T is None else W @ T)
     if bool(bad.any()):
