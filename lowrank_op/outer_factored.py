@@ -349,8 +349,9 @@ class OuterFactoredMatrix(FactoredMatrix):
         return self._cached("eigenvalues", lambda: shared_bases.reverse_product_eigvals(*self._chain()))
 
     def eigvals(self) -> Tensor:
-        """Eigenvalues by descending modulus, exact zeros beyond the rank
-        (:func:`lowrank_op.shared_bases.eigvals`); cached."""
+        """Eigenvalues by descending modulus, shape (..., mdim); when ``mdim > ldim`` the
+        ``mdim - ldim`` beyond the product's size are exact zeros, as :meth:`FactoredMatrix.eigvals`
+        gives them (:func:`lowrank_op.shared_bases.eigvals`); cached."""
         self._require_square("eigvals")
         return self._cached("eigvals", lambda: shared_bases.eigvals(*self._chain()))
 
@@ -363,16 +364,19 @@ class OuterFactoredMatrix(FactoredMatrix):
              maxiter: int | None = None, random_state: int = 0, progress: bool = False):
         """:meth:`FactoredMatrix.svds` on the small core ``(R_L A)(B R_R^H)``, whose top triplets are
         the product's with ``U = Q_L U_c``, ``V = Q_R V_c``: ARPACK's operator applications cost
-        ``O((p + q) m)`` instead of ``O((n + r) m)``. See :func:`lowrank_op.topk.svds`."""
+        ``O((p + q) m)`` instead of ``O((n + r) m)``. See :func:`lowrank_op.topk.svds`. As for
+        :meth:`svd`, singular vectors with a gradient on an outer factor take the formed path (a
+        constant ``Q_L`` would drop the part of ``dU`` outside it)."""
         chain = self._chain()
-        sides = shared_bases.plan(*chain)
+        L, _, _, R = chain
+        formed = return_singular_vectors and (shared_bases._needs_grad(L) or shared_bases._needs_grad(R))
+        sides = shared_bases.plan(*chain, outer="formed" if formed else "auto")
         X, Y = shared_bases.core_factors(*chain, sides=sides, want_q=return_singular_vectors)
         out = topk.svds(X, Y, k, method, return_singular_vectors=return_singular_vectors, tol=tol,
                         maxiter=maxiter, random_state=random_state, progress=progress)
         if not return_singular_vectors:
             return out
         U, S, V = out
-        L, _, _, R = chain
         U = fold_matmul(shared_bases.basis(L, want_q=True).Q, U) if sides[0] else U
         V = fold_matmul(shared_bases.basis(R.mH, want_q=True).Q, V) if sides[1] else V
         return U, S, V

@@ -19,16 +19,23 @@ from lowrank_op.outer_factored import OuterFactoredMatrix
 
 
 class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
+    """The largest tensor an op produced, in elements; with ``storage``, the size of the memory it
+    holds instead, so that a stride-0 expansion (a view that torch's batched matmul takes of a 2-D
+    factor, and hands to bmm uncopied) counts as the factor it views."""
+
+    def __init__(self, storage: bool = False):
         super().__init__()
         self.largest = 0
         self.op = None
+        self.storage = storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for leaf in tree_flatten(out)[0]:
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
-                self.largest, self.op = leaf.numel(), func
+            if isinstance(leaf, torch.Tensor):
+                size = leaf.untyped_storage().nbytes() // leaf.element_size() if self.storage else leaf.numel()
+                if size > self.largest:
+                    self.largest, self.op = size, func
         return out
 
 
@@ -74,8 +81,8 @@ SQUARE_OPERATIONS = {
 }
 
 
-def _largest(fm: FactoredMatrix, operation) -> tuple[int, object]:
-    with _LargestAllocation() as mode:
+def _largest(fm: FactoredMatrix, operation, storage: bool = False) -> tuple[int, object]:
+    with _LargestAllocation(storage) as mode:
         operation(fm)
     return mode.largest, mode.op
 
@@ -113,6 +120,8 @@ OUTER_OPERATIONS = {
     "svds_values": lambda fm: fm.svds(2, "exact", return_singular_vectors=False),
     "eigs": lambda fm: fm.eigs(2, "exact"),
     "matvec": lambda fm: fm @ torch.randn(VOCAB, dtype=fm.dtype),
+    "vecmat": lambda fm: torch.randn(VOCAB, dtype=fm.dtype) @ fm,
+    "matmul": lambda fm: fm.matmul(torch.randn(VOCAB, 2, dtype=fm.dtype)),  # the output: heads x vocab x 2
     "rows": lambda fm: fm[:, 10:20],
     "transpose": lambda fm: fm.T,
 }
@@ -131,11 +140,11 @@ def _circuit(tied: bool) -> OuterFactoredMatrix:
 @pytest.mark.parametrize("tied", [False, True], ids=["ov", "qk_tied"])
 @pytest.mark.parametrize("name", sorted(OUTER_OPERATIONS))
 def test_shared_outer_factor_paths_stay_outer_factor_sized(name, tied):
-    largest, op = _largest(_circuit(tied), OUTER_OPERATIONS[name])
+    largest, op = _largest(_circuit(tied), OUTER_OPERATIONS[name], storage=True)
     formed = HEADS * VOCAB * D_HEAD  # W_E @ W_V, 4x an outer factor here
     assert largest <= 2 * VOCAB * D_MODEL < formed, f"{name}: {op} made {largest} elements"
 
 
 def test_the_check_catches_a_formed_outer_factor():
-    largest, _ = _largest(_circuit(False), lambda fm: fm.svdvals(outer="formed"))
+    largest, _ = _largest(_circuit(False), lambda fm: fm.svdvals(outer="formed"), storage=True)
     assert largest >= HEADS * VOCAB * D_HEAD

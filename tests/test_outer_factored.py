@@ -28,7 +28,6 @@ from helpers import (
     dense_eigenvalues_padded,
     make_chain,
     match_multiset,
-    out_dtype,
     real_dtype,
     ref_dtype,
     tol,
@@ -76,11 +75,16 @@ square_params = pytest.mark.parametrize("name", list(SQUARE))
 dtype_params = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 
 
-def setup(name: str, dtype: torch.dtype = torch.float64, seed: int = 0):
-    """``(fm, (L, A, B, R), M, scale)`` for the chain ``name``."""
-    factors = make_chain(CHAINS[name][0], dtype, seed)
+def setup_chain(chain: Chain, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """``(fm, (L, A, B, R), M, scale)``: the OuterFactoredMatrix, its factors, the dense float64
+    product and the error scale."""
+    factors = make_chain(chain, dtype, seed)
     L, A, B, R = factors
     return OuterFactoredMatrix(A, B, left=L, right=R), factors, dense_chain(*factors), chain_scale(*factors)
+
+
+def setup(name: str, dtype: torch.dtype = torch.float64, seed: int = 0):
+    return setup_chain(CHAINS[name][0], dtype, seed)
 
 
 def k_of(fm) -> int:
@@ -91,12 +95,15 @@ def assert_fm_close(fm, expected, scale, rtol, what=""):
     """``fm`` (a FactoredMatrix) holds ``expected``, checked from its factors in float64."""
     assert isinstance(fm, FactoredMatrix), type(fm)
     assert fm.shape == expected.shape, (fm.shape, expected.shape)
-    actual = dense_chain(*fm._chain()) if isinstance(fm, OuterFactoredMatrix) else fm._A.to(expected.dtype) @ fm._B.to(expected.dtype)
+    if isinstance(fm, OuterFactoredMatrix):
+        actual = dense_chain(*fm._chain())
+    else:
+        actual = fm._A.to(expected.dtype) @ fm._B.to(expected.dtype)
     assert_scaled_close(actual, expected, scale, rtol, what)
 
 
 # --- construction, the four factors, and the FactoredMatrix surface ---------------------------------
-@dtype_params
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.bfloat16], ids=str)
 @chain_params
 def test_properties(name, dtype):
     fm, (L, A, B, R), M, scale = setup(name, dtype)
@@ -212,8 +219,7 @@ TOPK_CHAINS = {
 @pytest.mark.parametrize("name", ["ov", "qk_tied", "batched_outer_tied", "left_only", "narrow_outer"])
 @pytest.mark.parametrize("method", ["exact", "arpack"])
 def test_svds(name, method, dtype):
-    factors = make_chain(TOPK_CHAINS[name], dtype)
-    fm, M, scale = OuterFactoredMatrix(factors[1], factors[2], left=factors[0], right=factors[3]), dense_chain(*factors), chain_scale(*factors)
+    fm, factors, M, scale = setup_chain(TOPK_CHAINS[name], dtype)
     k = 2
     U, S, V = fm.svds(k, method)
     assert U.shape == (*fm.batch_shape, fm.ldim, k) and V.shape == (*fm.batch_shape, fm.rdim, k)
@@ -230,8 +236,7 @@ def test_svds(name, method, dtype):
 @pytest.mark.parametrize("name", ["qk_tied", "batched_outer_tied", "narrow_outer"])
 @pytest.mark.parametrize("method", ["exact", "arpack"])
 def test_eigs(name, method, dtype):
-    factors = make_chain(TOPK_CHAINS[name], dtype)
-    fm, M, scale = OuterFactoredMatrix(factors[1], factors[2], left=factors[0], right=factors[3]), dense_chain(*factors), chain_scale(*factors)
+    fm, factors, M, scale = setup_chain(TOPK_CHAINS[name], dtype)
     k = 2
     values = fm.eigs(k, method)
     assert values.shape == (*fm.batch_shape, k) and values.dtype.is_complex
@@ -282,6 +287,13 @@ def test_products_with_vectors_and_matrices(name, dtype):
     for what, out, expected, operand in (("fm @ X", fm @ X, M @ X.to(r), X), ("Y @ fm", Y @ fm, Y.to(r) @ M, Y)):
         assert isinstance(out, FactoredMatrix), what
         assert_fm_close(out, expected, scale * float(torch.linalg.matrix_norm(operand.to(r))), rtol, what)
+    # Operands that do not fit are refused with the package's errors, vectors included.
+    other = torch.float32 if dtype != torch.float32 else torch.float64
+    for bad, error in ((torch.ones(fm.rdim, dtype=other), DtypeMismatchError), (torch.ones(fm.rdim + 1, dtype=dtype), ShapeMismatchError)):
+        with pytest.raises(error):
+            fm @ bad
+    with pytest.raises(ShapeMismatchError):
+        torch.ones(fm.ldim + 1, dtype=dtype) @ fm
 
 
 @pytest.mark.parametrize("name", ["ov", "qk_tied", "batched_outer", "left_only", "right_only"])
@@ -305,16 +317,20 @@ def test_widening_products_keep_the_outer_factors(name):
 
 def test_products_of_factored_matrices_build_it():
     gen = torch.Generator().manual_seed(3)
-    W_E, W_U = torch.randn(30, 8, dtype=torch.float64, generator=gen), torch.randn(8, 30, dtype=torch.float64, generator=gen)
-    ov = FactoredMatrix(torch.randn(4, 8, 2, dtype=torch.float64, generator=gen), torch.randn(4, 2, 8, dtype=torch.float64, generator=gen))
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen)
+
+    W_E, W_U = t(30, 8), t(8, 30)
+    ov = FactoredMatrix(t(4, 8, 2), t(4, 2, 8))
     circuit = W_E @ ov @ W_U  # TransformerLens's construction: both outer factors kept
     assert isinstance(circuit, OuterFactoredMatrix) and circuit.left is W_E and circuit.right is W_U
     assert circuit.mdim == 2 and circuit.shape == (4, 30, 30)
     M = W_E @ ov.A @ ov.B @ W_U
     assert_scaled_close(circuit.S, torch.linalg.svdvals(M)[..., :2], chain_scale(W_E, ov.A, ov.B, W_U), 1e-11, "S")
     # fm1 @ fm2 keeps the small core B1 @ A2 between A1 and B2.
-    fm1 = FactoredMatrix(torch.randn(3, 30, 6, dtype=torch.float64, generator=gen), torch.randn(6, 9, dtype=torch.float64, generator=gen))
-    fm2 = FactoredMatrix(torch.randn(9, 4, dtype=torch.float64, generator=gen), torch.randn(4, 25, dtype=torch.float64, generator=gen))
+    fm1 = FactoredMatrix(t(3, 30, 6), t(6, 9))
+    fm2 = FactoredMatrix(t(9, 4), t(4, 25))
     product = fm1 @ fm2
     assert isinstance(product, OuterFactoredMatrix) and product.mdim == 4
     assert product.left is fm1._A and product._args[1] is fm2._B
@@ -323,7 +339,7 @@ def test_products_of_factored_matrices_build_it():
     assert_fm_close(product, expected, scale, 1e-12, "fm1 @ fm2")
     assert_scaled_close(product.S, torch.linalg.svdvals(expected)[..., :4], scale, 1e-11, "S of fm1 @ fm2")
     # A tensor that does not widen the product is multiplied in, as before.
-    narrow = torch.randn(30, 3, dtype=torch.float64, generator=gen)
+    narrow = t(30, 3)
     assert type(circuit @ narrow) is FactoredMatrix
 
 
@@ -444,8 +460,11 @@ def test_unsqueeze_squeeze_permute_expand(name):
     single = fm[:1] if nb == 1 else fm[:, :1]
     position = nb - 1
     squeezed = single.squeeze(position)
-    assert isinstance(squeezed, FactoredMatrix)
+    # A size-1 leading dim goes from every factor; the outer factors stay outer factors.
+    assert isinstance(squeezed, OuterFactoredMatrix) and squeezed.batch_shape == single.batch_shape[:-1]
+    assert (squeezed.left is None) == (L is None) and (squeezed.right is None) == (R is None)
     assert_fm_close(squeezed, M[:1].squeeze(0) if nb == 1 else M[:, :1].squeeze(1), scale.amax(), 1e-13, "squeeze")
+    assert fm.squeeze(-2) is fm  # a row dim of size 24: nothing to squeeze
     column = fm[..., :1].squeeze(-1)
     assert type(column) is torch.Tensor
     assert_scaled_close(column, M[..., 0], scale[..., None], 1e-13, "squeeze(-1)")
@@ -457,8 +476,17 @@ def test_unsqueeze_squeeze_permute_expand(name):
     expanded = single.expand(*single.batch_shape[:-1], 4, *single.shape[-2:])
     assert isinstance(expanded, OuterFactoredMatrix)
     assert_fm_close(expanded, dense_chain(*single._chain()).expand(expanded.shape), scale.amax(), 1e-13, "expand")
-    assert_scaled_close(expanded.S, torch.linalg.svdvals(dense_chain(*single._chain())).expand(*expanded.batch_shape, -1)[..., : k_of(fm)],
-                        scale.amax(), 1e-11, "S of expand")
+    S_ref = torch.linalg.svdvals(dense_chain(*single._chain()))[..., : k_of(fm)]
+    assert_scaled_close(expanded.S, S_ref.expand(*expanded.batch_shape, -1), scale.amax(), 1e-11, "S of expand")
+
+
+@pytest.mark.parametrize("name", ["ov", "batched_outer", "right_only", "single_row"])
+def test_get_corner(name):
+    fm, factors, M, scale = setup(name)
+    for k in (1, 3):
+        corner = fm.get_corner(k)
+        assert type(corner) is torch.Tensor
+        assert_scaled_close(corner, M[tuple(slice(k) for _ in range(M.dim()))], scale.amax(), 1e-13, f"get_corner({k})")
 
 
 # --- gradients -------------------------------------------------------------------------------------
@@ -495,11 +523,17 @@ LOSSES = {
 }
 
 
+#: chain -> the losses whose gradient is defined there: eigenvalue losses need a full-rank m x m
+#: B R L A (torch's eig backward is NaN at repeated eigenvalues, so not with mdim above a dim of
+#: the product), S losses distinct singular values (not the zeros beyond a rank below k).
 GRADIENT_CASES = [
     (name, what)
-    for name in ("ov_square", "qk_tied", "tied_unembed", "batched_outer_tied", "left_only_square", "repeated_rows", "unshared_outer")
-    for what in LOSSES
-    if CHAINS[name][0].square or what in ("S", "norm")
+    for name, whats in {
+        "ov_square": LOSSES, "qk_tied": LOSSES, "tied_unembed": LOSSES, "batched_outer_tied": LOSSES,
+        "left_only_square": LOSSES, "repeated_rows": LOSSES, "unshared_outer": ("S", "norm"),
+        "non_tall_outer": ("S", "norm"), "mdim_gt_ldim": ("S", "norm", "trace"), "narrow_outer": ("norm", "trace"),
+    }.items()
+    for what in whats
 ]
 
 
@@ -525,7 +559,8 @@ def test_gradients_to_every_factor_match_dense(name, what):
         assert_scaled_close(got, want, float(want.abs().max()), 1e-9, f"d{what}/d{which}")
 
 
-def test_gradients_of_svd_vectors_take_the_formed_path():
+@pytest.mark.parametrize("member", ["svd", "svds"])
+def test_gradients_of_singular_vectors_take_the_formed_path(member):
     # n = r = p + 1 = m + 1: the dense thin SVD has one zero singular value, so its autograd is
     # defined (a repeated zero would make torch's backward NaN).
     chain = Chain((5, 4), (2, 4, 4), (2, 4, 4), (4, 5))
@@ -545,7 +580,7 @@ def test_gradients_of_svd_vectors_take_the_formed_path():
         fm = OuterFactoredMatrix(leaves[1], leaves[2], left=leaves[0], right=leaves[3])
         with choices.recorded() as log, warnings.catch_warnings():
             warnings.simplefilter("error")  # distinct singular values: no UndefinedGradientWarning
-            U, S, V = fm.svd()
+            U, S, V = fm.svd() if member == "svd" else fm.svds(4, "exact")
         decision = next(c for c in log if c.operation == "outer_factor")
         # Gradient on an outer factor: a constant Q_L would lose part of dU, so that side is formed.
         assert decision.method == ("formed+formed" if on_outer else "basis+basis"), str(decision)
@@ -563,19 +598,27 @@ def test_gradients_of_svd_vectors_take_the_formed_path():
 # --- bad and non-finite input ------------------------------------------------------------------------
 def _bad_inputs():
     A, B = torch.randn(3, 6, 2), torch.randn(3, 2, 6)
+    t = torch.randn
     return A, B, {
-        "left has the wrong number of columns": (dict(left=torch.randn(20, 5)), ShapeMismatchError, r"`left` of shape \(20, 5\) has 5 columns"),
-        "right has the wrong number of rows": (dict(right=torch.randn(5, 20)), ShapeMismatchError, r"`right` of shape \(5, 20\) has 5 rows"),
-        "left of another dtype": (dict(left=torch.randn(20, 6, dtype=torch.float64)), DtypeMismatchError, r"`left` must have the inner factors' dtype"),
-        "right of another dtype": (dict(right=torch.randn(6, 20, dtype=torch.float16)), DtypeMismatchError, r"`right` must have the inner factors' dtype"),
-        "left on another device": (dict(left=torch.randn(20, 6, device="meta")), DeviceMismatchError, r"`left` is on meta"),
-        "right on another device": (dict(right=torch.randn(6, 20, device="meta")), DeviceMismatchError, r"`right` is on meta"),
+        "left has the wrong number of columns":
+            (dict(left=t(20, 5)), ShapeMismatchError, r"`left` of shape \(20, 5\) has 5 columns"),
+        "right has the wrong number of rows":
+            (dict(right=t(5, 20)), ShapeMismatchError, r"`right` of shape \(5, 20\) has 5 rows"),
+        "left of another dtype":
+            (dict(left=t(20, 6, dtype=torch.float64)), DtypeMismatchError, r"`left` must have the inner factors' dtype"),
+        "right of another dtype":
+            (dict(right=t(6, 20, dtype=torch.float16)), DtypeMismatchError, r"`right` must have the inner factors' dtype"),
+        "left on another device": (dict(left=t(20, 6, device="meta")), DeviceMismatchError, r"`left` is on meta"),
+        "right on another device": (dict(right=t(6, 20, device="meta")), DeviceMismatchError, r"`right` is on meta"),
         "left not a tensor": (dict(left=np.ones((20, 6), dtype=np.float32)), TypeError, r"`left` must be a torch.Tensor"),
-        "right an integer tensor": (dict(right=torch.ones(6, 20, dtype=torch.int64)), TypeError, r"`right` must have a floating or complex dtype"),
-        "left of one dim": (dict(left=torch.randn(6)), ValueError, r"`left` must have at least 2 dims"),
-        "left's leading dims do not broadcast": (dict(left=torch.randn(4, 20, 6)), BroadcastError, r"`left` of shape \(4, 20, 6\) and `A`"),
-        "right's leading dims do not broadcast": (dict(right=torch.randn(2, 6, 20)), BroadcastError, r"`right` of shape \(2, 6, 20\)"),
-        "outer leading dims clash with each other": (dict(left=torch.randn(4, 1, 20, 6), right=torch.randn(5, 1, 6, 20)), BroadcastError, r"`left` .* `right`"),
+        "right an integer tensor":
+            (dict(right=torch.ones(6, 20, dtype=torch.int64)), TypeError, r"`right` must have a floating or complex dtype"),
+        "left of one dim": (dict(left=t(6)), ValueError, r"`left` must have at least 2 dims"),
+        "left's leading dims do not broadcast":
+            (dict(left=t(4, 20, 6)), BroadcastError, r"`left` of shape \(4, 20, 6\) and `A`"),
+        "right's leading dims do not broadcast": (dict(right=t(2, 6, 20)), BroadcastError, r"`right` of shape \(2, 6, 20\)"),
+        "outer leading dims clash with each other":
+            (dict(left=t(4, 1, 20, 6), right=t(5, 1, 6, 20)), BroadcastError, r"`left` .* `right`"),
     }
 
 

@@ -221,9 +221,11 @@ def test_closing_product_is_shared_and_tied_pairs_use_the_basis():
         ref = torch.linalg.eigvals(B @ (R @ L) @ A)
         scale = chain_scale(L, A, B, R)
         assert_scaled_close(match_multiset(ov.eigenvalues, ref), ref, scale, tol(f64, "eig"), "eigenvalues")
-        assert_scaled_close(ov.trace(), torch.diagonal(dense_chain(L, A, B, R), dim1=-2, dim2=-1).sum(-1), scale, tol(f64), "trace")
+        trace_ref = torch.diagonal(dense_chain(L, A, B, R), dim1=-2, dim2=-1).sum(-1)
+        assert_scaled_close(ov.trace(), trace_ref, scale, tol(f64), "trace")
     W_U.data.mul_(2.0)  # unseen by the version counter, seen by the fingerprint
-    assert_scaled_close(shared_bases.closing_product(W_U, W_E), W_U @ W_E, float(W_E.norm() * W_U.norm()), tol(f64), "after an edit")
+    after = shared_bases.closing_product(W_U, W_E)
+    assert_scaled_close(after, W_U @ W_E, float(W_E.norm() * W_U.norm()), tol(f64), "after an edit")
 
 
 # --- the "auto" rule ---------------------------------------------------------------------------------
@@ -308,30 +310,50 @@ def test_a_rank_deficient_embedding_falls_back_to_householder():
         shared_bases.basis(L.clone(), "cholqr2")
 
 
-@pytest.mark.parametrize("left, right", [(True, False), (False, True), (False, False)], ids=["left", "right", "neither"])
+#: square chains for the kernels, by which outer factors are present (tied: the QK circuit's view)
+KERNEL_CHAINS = {
+    "both": Chain((30, 6), (4, 6, 2), (4, 2, 6), (6, 30)),
+    "tied": Chain((30, 6), (4, 6, 2), (4, 2, 6), (6, 30), tie="R=L^T"),
+    "left": Chain((30, 6), (4, 6, 2), (4, 2, 30), None),
+    "right": Chain(None, (4, 30, 2), (4, 2, 6), (6, 30)),
+    "neither": Chain(None, (4, 30, 2), (4, 2, 30), None),
+    "mdim_gt_ldim": Chain((5, 8), (8, 7), (7, 8), (8, 5)),
+}
+
+
+@pytest.mark.parametrize("sides", list(KERNEL_CHAINS))
 @pytest.mark.parametrize("outer", ["auto", "shared", "formed"])
-def test_kernels_with_one_or_no_outer_factor(left, right, outer):
-    L, A, B, R = make_chain(Chain((30, 6) if left else None, (4, 6 if left else 30, 2), (4, 2, 6 if right else 30),
-                                  (6, 30) if right else None))
-    M, scale = dense_chain(L, A, B, R), chain_scale(L, A, B, R)
-    assert_scaled_close(shared_bases.svdvals(L, A, B, R, outer=outer), svdvals_ref(M, 2), scale, tol(f64), "svdvals")
-    assert_scaled_close(shared_bases.frobenius_norm(L, A, B, R, outer=outer), torch.linalg.matrix_norm(M), scale, tol(f64), "norm")
-    check_svd_of(*shared_bases.svd(L, A, B, R, outer=outer), M, scale, f64, 2)
-    ref = dense_eigenvalues_padded(M, 2)
-    assert_scaled_close(match_multiset(shared_bases.eigvals(L, A, B, R, outer=outer), ref), ref, scale, tol(f64, "eig"), "eigvals")
-    assert_scaled_close(match_multiset(shared_bases.reverse_product_eigvals(L, A, B, R, outer=outer), ref), ref, scale,
-                        tol(f64, "eig"), "reverse_product_eigvals")
-    assert_scaled_close(shared_bases.trace(L, A, B, R, outer=outer), torch.diagonal(M, dim1=-2, dim2=-1).sum(-1), scale, tol(f64), "trace")
+def test_kernels(sides, outer):
+    factors = make_chain(KERNEL_CHAINS[sides])
+    L, A, B, R = factors
+    M, scale = dense_chain(*factors), chain_scale(*factors)
+    k, m = min(M.shape[-1], A.shape[-1]), A.shape[-1]
+    eig_tol = tol(f64, "eig")
+    assert_scaled_close(shared_bases.svdvals(*factors, outer=outer), svdvals_ref(M, k), scale, tol(f64), "svdvals")
+    norm = shared_bases.frobenius_norm(*factors, outer=outer)
+    assert_scaled_close(norm, torch.linalg.matrix_norm(M), scale, tol(f64), "norm")
+    check_svd_of(*shared_bases.svd(*factors, outer=outer), M, scale, f64, k)
+    padded = dense_eigenvalues_padded(M, m)
+    values = shared_bases.eigvals(*factors, outer=outer)
+    assert_scaled_close(match_multiset(values, padded), padded, scale, eig_tol, "eigvals")
+    eye = torch.eye(M.shape[-1], dtype=f64)
+    ref = torch.linalg.eigvals(B @ (eye if R is None else R) @ (eye if L is None else L) @ A)
+    reverse = shared_bases.reverse_product_eigvals(*factors, outer=outer)
+    assert_scaled_close(match_multiset(reverse, ref), ref, scale, eig_tol, "reverse_product_eigvals")
+    trace = shared_bases.trace(*factors, outer=outer)
+    assert_scaled_close(trace, torch.diagonal(M, dim1=-2, dim2=-1).sum(-1), scale, tol(f64), "trace")
 
 
 # --- hypothesis: random chains --------------------------------------------------------------------
 @st.composite
 def chains(draw, max_dim: int = 6):
-    """A random :class:`helpers.Chain`: dims 1..max_dim (ldim, mdim, rdim and the outer factors'
-    inner sizes), up to two leading dims that broadcast between all four factors (each may hold a
+    """A random :class:`helpers.Chain`: inner dims 1..max_dim, outer dims up to 3 max_dim (tall
+    outer factors), up to two leading dims that broadcast between all four factors (each may hold a
     dim as 1 or lack it), either outer factor absent, square products and tied ``R = L^T`` often."""
-    n, p, m, q = (draw(st.integers(1, max_dim)) for _ in range(4))
-    has_left, has_right = draw(st.booleans()) or draw(st.booleans()), draw(st.booleans()) or draw(st.booleans())
+    n = draw(st.integers(1, 3 * max_dim))  # often taller than wide: the basis path
+    p, m, q = (draw(st.integers(1, max_dim)) for _ in range(3))
+    has_left = draw(st.sampled_from([True, True, True, False]))
+    has_right = draw(st.sampled_from([True, True, True, False]))
     square = draw(st.booleans())
     ldim = n if has_left else p
     r = ldim if square else draw(st.integers(1, 3 * max_dim))
@@ -352,7 +374,7 @@ def chains(draw, max_dim: int = 6):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
-@given(chain=chains(), outer=st.sampled_from(["auto", "shared", "formed"]), seed=st.integers(0, 2**31 - 1))
+@given(chain=chains(), outer=st.sampled_from(["shared", "auto", "formed"]), seed=st.integers(0, 2**31 - 1))
 def test_hypothesis_S_norm_eigenvalues(dtype, chain, outer, seed):
     L, A, B, R = make_chain(chain, dtype, seed)
     fm = OuterFactoredMatrix(A, B, left=L, right=R)
