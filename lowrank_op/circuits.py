@@ -424,10 +424,10 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     their 2-norm), and eigenvalues from the d_head x d_head ``Y X`` (``W_U = W_E^T`` and QK:
     ``B R_E^H R_E A = B W_E^T W_E A``) or ``B (G A)`` (untied OV).
 
-    Time: the QR of ``W_E`` (``O(d_vocab d_model^2)``, about 1.5 s in float32 on 2 idle threads
-    at GPT-2 small's shapes; twice that, plus ``G``, untied), then per layer about
-    ``4 n_heads d_model^2 d_head`` multiply-adds (``6`` untied) and ``O(n_heads d_model d_head^2)``
-    for the cores' QRs: ``d_vocab / d_model`` (65 at GPT-2 small) times fewer than forming the
+    Time: the QR of ``W_E`` (``O(d_vocab d_model^2)``; in float32 on 2 idle threads about 1 s of
+    the analysis' 1.7 s at GPT-2 small's shapes, a third of its 18 s at GPT-2 XL's; twice that,
+    plus ``G``, untied), then per layer about ``4 n_heads d_model^2 d_head`` multiply-adds (``6``
+    untied) and ``O(n_heads d_model d_head^2)`` for the cores' QRs: ``d_vocab / d_model`` (65 at GPT-2 small) times fewer than forming the
     factors ``W_E W_V`` and ``W_O W_U`` (``4 n_heads d_vocab d_model d_head`` per layer), which is
     never done. Memory beyond the weights: the factorisation's workspace while ``W_E`` (and
     ``W_U^H``) is factorised, about two ``d_vocab x d_model`` buffers (0.29 GiB in float32 at
