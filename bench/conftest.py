@@ -11,9 +11,10 @@ bench_orthogonalize) take about two minutes on 2 cores, a third of it the dense 
 Cases are grouped by operation and shape (``svd[gpt2_ov_head]``, ...). After pytest-benchmark's
 own tables, a summary prints each case's median and min and its speedup over the baselines of
 its group (dense torch on ``A @ B``, TransformerLens's SVD-of-both-factors method, the two QRs
-alone, linear_operator's generic path on the same operator), with the numbers each case left in ``extra_info`` (accuracy against float64). Files are
-``bench_<operation>.py``, collected by the hook below. Add ``--benchmark-json=out.json`` to keep
-the raw data.
+alone, linear_operator's generic path on the same operator, the formed circuit factors that
+``circuits.analyze`` no longer forms), with the numbers each case left in ``extra_info``
+(accuracy against float64). Files are ``bench_<operation>.py``, collected by the hook below. Add
+``--benchmark-json=out.json`` to keep the raw data.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 torch.set_num_threads(2)
 
 #: Baselines the summary divides by, in column order, with their column headers.
-RATIO_BASELINES = {"dense": "vs dense", "tl": "vs TL", "two_qrs": "vs 2 QRs", "linop": "vs linop"}
+RATIO_BASELINES = {"dense": "vs dense", "tl": "vs TL", "two_qrs": "vs 2 QRs", "linop": "vs linop",
+                   "formed": "vs formed"}
 #: Row order of the baselines after the lowrank_op cases of a group (unknown names go last).
-BASELINE_ORDER = ("dense", "tl", "tl_tall", "two_qrs", "two_qrs_r_only", "two_grams", "linop")
+BASELINE_ORDER = ("dense", "tl", "tl_tall", "two_qrs", "two_qrs_r_only", "two_grams", "linop", "formed")
 
 
 def pytest_collect_file(file_path, parent):

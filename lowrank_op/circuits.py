@@ -8,9 +8,13 @@ With TransformerLens's row-vector convention, head ``h`` of layer ``l`` has
   query token and a key token (Elhage et al., 2021, "A Mathematical Framework for Transformer
   Circuits").
 
-Both have rank at most ``d_head``. They are built here only with FactoredMatrix's operators
-(``W_E @ FactoredMatrix(W_V, W_O) @ W_U``), which keep the ``d_head``-wide inner dim, so nothing of
-size ``d_vocab x d_vocab`` is ever formed, and measured with its factored kernels.
+Both have rank at most ``d_head``. They are built here as
+:class:`~lowrank_op.outer_factored.OuterFactoredMatrix` objects (what ``W_E @ FactoredMatrix(W_V,
+W_O) @ W_U`` gives), which keep ``W_E`` and ``W_U`` as outer factors, so nothing of size
+``d_vocab x d_vocab`` (or ``d_vocab x d_head`` per head) is formed. :func:`analyze` measures them
+through one QR of ``W_E`` (and of ``W_U^H`` when it is not ``W_E^T``) shared by every head of
+every layer (:func:`lowrank_op.shared_bases.reduce_outer`), so that per layer only
+``d_model``-sized products remain.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowrank_op import kernels
+from lowrank_op import kernels, shared_bases
 from lowrank_op.checkpoints import AttentionWeights
 from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
+from lowrank_op.outer_factored import OuterFactoredMatrix
 
 
 # --- Building the circuits ------------------------------------------------------------------------
@@ -32,8 +37,8 @@ def _at(W: Tensor, layer: int | None) -> Tensor:
     return W if layer is None else W[layer]
 
 
-def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> FactoredMatrix:
-    """The OV circuits ``W_E W_V W_O W_U`` of every head, as one FactoredMatrix.
+def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFactoredMatrix:
+    """The OV circuits ``W_E W_V W_O W_U`` of every head, as one OuterFactoredMatrix (a FactoredMatrix).
 
     Parameters
     ----------
@@ -43,25 +48,31 @@ def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> FactoredM
 
     Returns
     -------
-    FactoredMatrix, shape (n_heads, d_vocab, d_vocab), or (n_layers, n_heads, d_vocab, d_vocab)
-        Factors ``W_E W_V`` (..., d_vocab, d_head) and ``W_O W_U`` (..., d_head, d_vocab).
+    OuterFactoredMatrix, shape (n_heads, d_vocab, d_vocab), or (n_layers, n_heads, d_vocab, d_vocab)
+        Inner factors ``W_V`` (..., d_model, d_head) and ``W_O`` (..., d_head, d_model) between the
+        outer factors ``W_E`` and ``W_U``; ``.A`` (``W_E W_V``) and ``.B`` (``W_O W_U``) are formed
+        only when read.
 
     Notes
     -----
-    Cost ``O(d_vocab d_model d_head)`` time and ``2 d_vocab d_head`` memory per head: 1.85 GB per
-    factor in float32 for all 144 heads of GPT-2 small, 154 MB per factor for one layer. Build
-    one layer at a time when memory matters.
+    Building costs nothing (no product is formed). Reading ``.A`` or ``.B`` costs
+    ``O(d_vocab d_model d_head)`` time and ``d_vocab d_head`` memory per head and factor: 1.85 GB
+    per factor in float32 for all 144 heads of GPT-2 small, 154 MB for one layer.
+    :func:`circuit_metrics` and :func:`analyze` never read them.
     """
-    return weights.W_E @ FactoredMatrix(_at(weights.W_V, layer), _at(weights.W_O, layer)) @ weights.W_U
+    # The constructor, not ``W_E @ FactoredMatrix(W_V, W_O) @ W_U``: the operator's second product
+    # checks its operand against the formed ``.A`` (factored.py's _check_operand), forming W_E W_V.
+    return OuterFactoredMatrix(_at(weights.W_V, layer), _at(weights.W_O, layer), left=weights.W_E, right=weights.W_U)
 
 
-def qk_circuit(weights: AttentionWeights, layer: int | None = None) -> FactoredMatrix:
-    """The QK circuits ``W_E W_Q W_K^T W_E^T`` of every head, as one FactoredMatrix.
+def qk_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFactoredMatrix:
+    """The QK circuits ``W_E W_Q W_K^T W_E^T`` of every head, as one OuterFactoredMatrix (a FactoredMatrix).
 
-    Rows are query tokens, columns key tokens. Shapes and costs as :func:`ov_circuit`.
+    Rows are query tokens, columns key tokens; inner factors ``W_Q`` and ``W_K^T`` between the
+    outer factors ``W_E`` and ``W_E^T``. Shapes and costs as :func:`ov_circuit`.
     """
     W_K = _at(weights.W_K, layer)
-    return weights.W_E @ FactoredMatrix(_at(weights.W_Q, layer), W_K.mT) @ weights.W_E.mT
+    return OuterFactoredMatrix(_at(weights.W_Q, layer), W_K.mT, left=weights.W_E, right=weights.W_E.mT)
 
 
 # --- Measurements (pure functions) ----------------------------------------------------------------
@@ -166,42 +177,19 @@ def _require_finite(values: Tensor, what: str) -> None:
         )
 
 
-def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
-                    factor_names: tuple[str, str] = ("left factor", "right factor")) -> CircuitMetrics:
-    """Norm, singular values, effective rank and eigenvalue positivity of square FactoredMatrix objects.
-
-    Parameters
-    ----------
-    circuit : FactoredMatrix, shape (..., n, n), with mdim ``m``
-    what : str
-        Names the circuit in error messages.
-    factor_names : (str, str)
-        Name ``A`` and ``B`` in error messages (``"W_E W_V"``, ...).
-
-    Raises
-    ------
-    NonFiniteResultError
-        When a factor, the singular values or the eigenvalues hold NaN or infinity (an overflow of
-        the working precision), naming ``what``.
-
-    Notes
-    -----
-    Everything comes from the factors (``A`` (..., n, m), ``B`` (..., m, n)): singular values from
-    QR of both factors and a values-only SVD of the ``m x m`` core
-    (:func:`lowrank_op.kernels.svdvals`), the Frobenius norm as their 2-norm (no second
-    factorisation), eigenvalues from the ``m x m`` ``B A`` (:func:`lowrank_op.kernels.eigvals`;
-    the positivity is a sum, so their order does not matter). Cost ``O(n m^2 + m^3)`` per matrix.
-    """
-    A, B = circuit.A, circuit.B
-    _require_finite(A, f"{what}: the factor {factor_names[0]}")
-    _require_finite(B, f"{what}: the factor {factor_names[1]}")
+def _measure(X: Tensor, Y: Tensor, cycle: tuple[Tensor, Tensor] | None, what: str,
+             factor_names: tuple[str, str]) -> CircuitMetrics:
+    """Metrics of ``X @ Y`` (singular values and norm) with eigenvalues from ``kernels.eigvals(*cycle)``
+    (``cycle`` None: ``(X, Y)``); errors name ``what`` and ``factor_names``."""
+    _require_finite(X, f"{what}: the factor {factor_names[0]}")
+    _require_finite(Y, f"{what}: the factor {factor_names[1]}")
     try:
-        S = kernels.svdvals(A, B)
-        eigenvalues = kernels.eigvals(A, B)
+        S = kernels.svdvals(X, Y)
+        eigenvalues = kernels.eigvals(*((X, Y) if cycle is None else cycle))
     except torch.linalg.LinAlgError as err:  # finite factors whose core overflows can fail to converge
         raise NonFiniteResultError(
             f"{what}: the decomposition failed ({err}); the factors are finite, so their product "
-            f"overflowed {str(A.dtype).removeprefix('torch.')}: compute in float64 (--dtype float64), or "
+            f"overflowed {str(X.dtype).removeprefix('torch.')}: compute in float64 (--dtype float64), or "
             "check the weights' scale."
         ) from None
     _require_finite(S, f"{what}: the singular values")
@@ -212,6 +200,72 @@ def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
         effective_rank=effective_rank(S),
         eigenvalue_positivity=eigenvalue_positivity(eigenvalues),
     )
+
+
+def _reduce(L: Tensor, R: Tensor, what: str, names: tuple[str, str]) -> shared_bases.OuterReduction:
+    """:func:`lowrank_op.shared_bases.reduce_outer` of ``L`` and ``R``, checked finite; ``names``
+    are those of ``L`` and ``R`` in error messages."""
+    reduction = shared_bases.reduce_outer(L, R)
+    _require_finite(reduction.left, f"{what}: the triangular factor of {names[0]}'s QR")
+    if not reduction.mirrored:
+        _require_finite(reduction.right, f"{what}: the triangular factor of {names[1]}^H's QR")
+        _require_finite(reduction.closing, f"{what}: the product {names[1]} {names[0]}")
+    return reduction
+
+
+def _measure_reduced(reduction: shared_bases.OuterReduction, A: Tensor, B: Tensor, what: str,
+                     factor_names: tuple[str, str]) -> CircuitMetrics:
+    """Metrics of ``L A B R`` from its outer factors' reduction: the core for the singular values,
+    the cycle for the eigenvalues."""
+    X, Y = reduction.core(A, B)
+    return _measure(X, Y, reduction.cycle(A, B, core=(X, Y)), what, factor_names)
+
+
+def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
+                    factor_names: tuple[str, str] = ("left factor", "right factor")) -> CircuitMetrics:
+    """Norm, singular values, effective rank and eigenvalue positivity of square FactoredMatrix objects.
+
+    Parameters
+    ----------
+    circuit : FactoredMatrix, shape (..., n, n), with mdim ``m``
+        An :class:`~lowrank_op.outer_factored.OuterFactoredMatrix` ``L A B R`` with both outer
+        factors (what :func:`ov_circuit` and :func:`qk_circuit` return) whose inner factors are at
+        least ``m`` wide (``A`` (..., p, m), ``B`` (..., m, q), ``p, q >= m``) is measured through
+        its outer factors' bases; any other FactoredMatrix through its factors ``A``, ``B``.
+    what : str
+        Names the circuit in error messages.
+    factor_names : (str, str)
+        Name the left and right factors in error messages (``"W_E W_V"``, ...).
+
+    Raises
+    ------
+    NonFiniteResultError
+        When a factor, the singular values or the eigenvalues hold NaN or infinity (an overflow of
+        the working precision), naming ``what``.
+
+    Notes
+    -----
+    From factors ``A`` (..., n, m), ``B`` (..., m, n): singular values from QR of both factors and
+    a values-only SVD of the ``m x m`` core (:func:`lowrank_op.kernels.svdvals`), the Frobenius
+    norm as their 2-norm (no second factorisation), eigenvalues from the ``m x m`` ``B A``
+    (:func:`lowrank_op.kernels.eigvals`; the positivity is a sum, so their order does not matter).
+    Cost ``O(n m^2 + m^3)`` per matrix.
+
+    Through the outer factors (:func:`lowrank_op.shared_bases.reduce_outer`): the same kernels on
+    the core ``(R_L A)(B R_R^H)`` (``p x m`` and ``m x q``) and, for the eigenvalues, the cycle
+    ``(R L A, B)`` (the core itself when ``R`` is ``L^H``). Cost: one fingerprint of each outer
+    factor, a QR of each (``O(n p^2)``) and ``R L`` (``O(n p q)``) unless cached (the shared
+    cache keeps them while the tensors live), then ``O(m (p^2 + q^2))`` per matrix. The ``.A`` and
+    ``.B`` of an OuterFactoredMatrix (``n x m`` per matrix) are never formed. Loops over many
+    circuits with the same outer factors are better served by :func:`analyze`, which reduces them
+    once.
+    """
+    if isinstance(circuit, OuterFactoredMatrix) and circuit.left is not None and circuit.right is not None:
+        A, B = circuit.inner.A, circuit.inner.B
+        if min(A.shape[-2], B.shape[-1]) >= A.shape[-1]:
+            reduction = _reduce(circuit.left, circuit.right, what, ("L", "R"))
+            return _measure_reduced(reduction, A, B, what, factor_names)
+    return _measure(circuit.A, circuit.B, None, what, factor_names)
 
 
 @dataclass(frozen=True)
@@ -236,28 +290,113 @@ def _tensor_name(weights: AttentionWeights, symbol: str, layer: int | None = Non
     return name.format(i=layer)
 
 
+#: Elements checked at a time by :func:`require_finite_weights`: ``torch.isfinite`` makes temporaries
+#: the size of its input (a float ``abs`` and two masks), which over a whole (n_layers, n_heads,
+#: d_model, d_head) weight would be 0.7 GiB at GPT-2 XL's shapes.
+FINITE_CHECK_CHUNK = 1 << 22
+
+
+def _all_finite(W: Tensor) -> bool:
+    """Whether ``W`` (at least 2-D) holds no NaN or infinity, checked in slices of about
+    ``FINITE_CHECK_CHUNK`` elements along its first dim (of ``W^T`` for a transposed matrix, so
+    that each slice is read contiguously)."""
+    if W.dim() == 2 and not W.is_contiguous() and W.mT.is_contiguous():
+        W = W.mT
+    rows = max(1, FINITE_CHECK_CHUNK // max(1, W[0].numel())) if W.shape[0] else 1
+    return all(bool(torch.isfinite(part).all()) for part in W.split(rows))
+
+
 def require_finite_weights(weights: AttentionWeights) -> None:
-    """ValueError naming the first weight (and layer) that holds NaN or infinity."""
+    """ValueError naming the first weight (and layer) that holds NaN or infinity.
+
+    Cost: one read of the weights (``W_U`` is skipped when it is a view of ``W_E^T``); extra
+    memory a few ``FINITE_CHECK_CHUNK``-sized temporaries.
+    """
     for symbol in ("W_E", "W_Q", "W_K", "W_V", "W_O", "W_U"):
         W = getattr(weights, symbol)
-        finite = torch.isfinite(W).flatten(1).all(-1) if W.ndim == 4 else torch.isfinite(W).all().reshape(1)
-        if not bool(finite.all()):
-            layer = int((~finite).nonzero()[0]) if W.ndim == 4 else None
-            raise ValueError(
-                f"`{symbol}` ({_tensor_name(weights, symbol, layer)}) holds NaN or infinity"
-                + (f" in layer {layer}" if layer is not None else "")
-                + "; the circuits of such weights are undefined."
-            )
+        if symbol == "W_U" and shared_bases._same_view(W.mH, weights.W_E):
+            continue  # the same memory as W_E, checked above
+        layers = range(W.shape[0]) if W.ndim == 4 else [None]
+        for layer in layers:
+            if not _all_finite(W if layer is None else W[layer]):
+                raise ValueError(
+                    f"`{symbol}` ({_tensor_name(weights, symbol, layer)}) holds NaN or infinity"
+                    + (f" in layer {layer}" if layer is not None else "")
+                    + "; the circuits of such weights are undefined."
+                )
+
+
+def _inner(weights: AttentionWeights, name: str, layers: int | slice) -> tuple[Tensor, Tensor]:
+    """The inner factors of one layer's circuits (or a slice of layers'): ``(W_V, W_O)`` for OV,
+    ``(W_Q, W_K^T)`` for QK."""
+    if name == "ov":
+        return weights.W_V[layers], weights.W_O[layers]
+    return weights.W_Q[layers], weights.W_K[layers].mT
+
+
+def _outer(weights: AttentionWeights, name: str) -> tuple[Tensor, Tensor]:
+    """The outer factors of the circuits: ``(W_E, W_U)`` for OV, ``(W_E, W_E^T)`` for QK."""
+    return (weights.W_E, weights.W_U) if name == "ov" else (weights.W_E, weights.W_E.mT)
+
+
+def _sources(weights: AttentionWeights, name: str, layer: int | None) -> str:
+    symbols = CIRCUIT_PARTS[name][2]
+    if layer is None:
+        symbols = tuple(s for s in symbols if s in ("W_E", "W_U"))
+    return ", ".join(dict.fromkeys(f"`{_tensor_name(weights, s, layer)}`" for s in symbols))
+
+
+#: :func:`analyze` measures layers in batches whose core factors (``n_heads x d_model x d_head``
+#: numbers per layer and factor) hold at most ``max(BATCH_SHARE_OF_W_E * W_E.numel(),
+#: BATCH_MIN_ELEMENTS)`` numbers each: a quarter of ``W_E``, whose QR's workspace (about two
+#: ``W_E``-sized buffers) stays the analysis' peak, but no fewer than 2^20 (4 MiB in float32), so
+#: small models go in one batch. Batching cuts the number of small LAPACK calls (a few dozen per
+#: batch), whose fixed costs dominate per-layer work on 2 threads: all 12 layers of GPT-2 small
+#: go in one batch, GPT-2 XL's 48 in batches of 7.
+BATCH_SHARE_OF_W_E = 0.25
+BATCH_MIN_ELEMENTS = 1 << 20
+
+
+def _layer_batches(weights: AttentionWeights) -> list[slice]:
+    """Consecutive slices of layers, each within the budget above (at least one layer each)."""
+    per_layer = weights.n_heads * weights.d_model * weights.d_head
+    budget = max(BATCH_SHARE_OF_W_E * weights.W_E.numel(), BATCH_MIN_ELEMENTS)
+    size = max(1, min(weights.n_layers, int(budget // max(per_layer, 1))))
+    return [slice(start, min(start + size, weights.n_layers)) for start in range(0, weights.n_layers, size)]
+
+
+def _concat(parts: list[CircuitMetrics]) -> CircuitMetrics:
+    """Join metrics along their leading (layer) dim."""
+    return CircuitMetrics(*(torch.cat([getattr(p, f) for p in parts]) for f in CircuitMetrics.__dataclass_fields__))
+
+
+def _measure_layers(weights: AttentionWeights, name: str, reduction: shared_bases.OuterReduction,
+                    layers: slice) -> CircuitMetrics:
+    """One circuit's metrics for a batch of layers, leading shape (layers, n_heads). Should anything
+    come out non-finite, the batch is measured again layer by layer, so that the error names the
+    first layer at fault (and a failure of the batched decomposition alone costs only the redo)."""
+    title, factor_names, _ = CIRCUIT_PARTS[name]
+    try:
+        return _measure_reduced(reduction, *_inner(weights, name, layers), title, factor_names)
+    except NonFiniteResultError:
+        pass
+    parts = []
+    for layer in range(layers.start, layers.stop):
+        what = f"layer {layer}'s {title} (from {_sources(weights, name, layer)})"
+        one = _measure_reduced(reduction, *_inner(weights, name, layer), what, factor_names)
+        parts.append(CircuitMetrics.stack([one]))
+    return _concat(parts)
 
 
 def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = None) -> CircuitReport:
-    """Measure the OV and QK circuits of every head, one layer and one circuit at a time.
+    """Measure the OV and QK circuits of every head, through one QR of ``W_E`` shared by all of them.
 
     Parameters
     ----------
     weights : AttentionWeights
     on_layer : callable, optional
-        Called with the layer's index after each layer (for progress reports).
+        Called with each layer's index once that layer is measured (for progress reports; layers
+        are measured in batches, see ``BATCH_SHARE_OF_W_E``, and reported in order after each).
 
     Returns
     -------
@@ -268,30 +407,47 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     ValueError
         When a weight holds NaN or infinity (:func:`require_finite_weights`).
     NonFiniteResultError
-        When finite weights give a circuit factor, singular value or eigenvalue that is not finite
-        (an overflow of the working precision); the message names the layer, the circuit, the
-        factor or result, and the checkpoint's tensors it comes from.
+        When finite weights give a reduced factor, singular value or eigenvalue that is not finite
+        (an overflow of the working precision); the message names the layer (where there is one),
+        the circuit, the factor or result, and the checkpoint's tensors it comes from.
 
     Notes
     -----
-    Per layer, the OV circuits of all heads are built (:func:`ov_circuit`), measured
-    (:func:`circuit_metrics`) and freed, then the QK circuits. The extra memory is one circuit's
-    factors for one layer, ``2 n_heads d_vocab d_head`` numbers (0.29 GiB in float32 at GPT-2
-    small's shapes), plus the decompositions' workspace of about one more factor; building all
-    layers at once would take ``n_layers`` times as much and is no faster on CPU.
-    Time: ``4 n_layers n_heads d_vocab d_model d_head`` multiply-adds to form the factors,
-    which dominate, plus ``O(d_vocab d_head^2)`` per head to measure them.
+    The circuits ``W_E (A B) W_U`` (OV: ``A = W_V``, ``B = W_O``, ``W_U``; QK: ``A = W_Q``,
+    ``B = W_K^T``, ``W_E^T`` for ``W_U``) share their outer factors, which are reduced once
+    (:func:`lowrank_op.shared_bases.reduce_outer`): ``W_E = Q_E R_E`` by one QR, ``W_U^H = Q_U R_U``
+    by a second only when ``W_U`` is not ``W_E^T`` (tied embeddings and the QK circuits use
+    ``R_E``), and, for an untied OV circuit's eigenvalues, ``G = W_U W_E`` (d_model x d_model).
+    Then, for every head of a batch of layers at once, only ``d_model``-sized kernels: the core
+    factors ``X = R_E A`` and ``Y = B R_U^H`` (d_model x d_head and d_head x d_model per head),
+    whose product has the circuit's singular values (``S = kernels.svdvals(X, Y)``; the norm is
+    their 2-norm), and eigenvalues from the d_head x d_head ``Y X`` (``W_U = W_E^T`` and QK:
+    ``B R_E^H R_E A = B W_E^T W_E A``) or ``B (G A)`` (untied OV).
+
+    Time: the QR of ``W_E`` (``O(d_vocab d_model^2)``; in float32 on 2 idle threads about 1 s of
+    the analysis' 1.7 s at GPT-2 small's shapes, a third of its 18 s at GPT-2 XL's; twice that,
+    plus ``G``, untied), then per layer about ``4 n_heads d_model^2 d_head`` multiply-adds (``6``
+    untied) and ``O(n_heads d_model d_head^2)`` for the cores' QRs: ``d_vocab / d_model`` (65 at GPT-2 small) times fewer than forming the
+    factors ``W_E W_V`` and ``W_O W_U`` (``4 n_heads d_vocab d_model d_head`` per layer), which is
+    never done. Memory beyond the weights: the factorisation's workspace while ``W_E`` (and
+    ``W_U^H``) is factorised, about two ``d_vocab x d_model`` buffers (0.29 GiB in float32 at
+    GPT-2 small), freed after; then, per batch of layers, the core factors and their QRs'
+    workspace, a few buffers of at most a quarter of ``W_E`` each. Nothing
+    ``n_heads x d_vocab x d_head`` is allocated. ``R_E``, ``R_U`` and ``G`` stay in the shared
+    cache (:mod:`lowrank_op._cache`) while the weights live.
     """
     require_finite_weights(weights)
-    builders = {"ov": ov_circuit, "qk": qk_circuit}
+    reductions = {}
+    for name in ("ov", "qk"):
+        title = CIRCUIT_PARTS[name][0]
+        U_name = "W_U" if name == "ov" else "W_E^T"
+        reductions[name] = _reduce(*_outer(weights, name), f"the {title} (from {_sources(weights, name, None)})",
+                                   ("W_E", U_name))
     results: dict[str, list[CircuitMetrics]] = {"ov": [], "qk": []}
-    for layer in range(weights.n_layers):
-        for name, build in builders.items():
-            title, factor_names, symbols = CIRCUIT_PARTS[name]
-            sources = ", ".join(dict.fromkeys(f"`{_tensor_name(weights, s, layer)}`" for s in symbols))
-            circuit = build(weights, layer)
-            results[name].append(circuit_metrics(circuit, f"layer {layer}'s {title} (from {sources})", factor_names))
-            del circuit
+    for layers in _layer_batches(weights):
+        for name, reduction in reductions.items():
+            results[name].append(_measure_layers(weights, name, reduction, layers))
         if on_layer is not None:
-            on_layer(layer)
-    return CircuitReport(ov=CircuitMetrics.stack(results["ov"]), qk=CircuitMetrics.stack(results["qk"]))
+            for layer in range(layers.start, layers.stop):
+                on_layer(layer)
+    return CircuitReport(ov=_concat(results["ov"]), qk=_concat(results["qk"]))

@@ -18,6 +18,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lowrank_op import FactoredMatrix, circuit_report, cli
 from lowrank_op.checkpoints import load_safetensors, random_weights
@@ -412,3 +414,195 @@ def test_overflow_is_named_and_float64_avoids_it(tmp_path, embed_scale, attn_sca
         analyze(load_safetensors(path))
     report = analyze(load_safetensors(path, dtype=torch.float64))
     assert bool(torch.isfinite(report.ov.singular_values).all()) and bool(torch.isfinite(report.qk.norm).all())
+
+
+# --- The shared bases: one QR of W_E, d_model-sized work per layer --------------------------------------
+RANDOM_SHAPE = {"n_layers": 2, "n_heads": 3, "d_model": 24, "d_vocab": 97}  # d_head 8; distinct sizes
+
+
+def _random_model(tied: bool, dtype=torch.float32, seed=0):
+    """A seeded random model; untied: with its own random W_U (d_model, d_vocab)."""
+    w = random_weights(**RANDOM_SHAPE, seed=seed, dtype=dtype)
+    if tied:
+        return w
+    gen = torch.Generator().manual_seed(seed + 1)
+    W_U = (torch.randn(w.d_model, w.d_vocab, generator=gen, dtype=torch.float64) * 0.02).to(dtype)
+    return dataclasses.replace(w, W_U=W_U, tied=False)
+
+
+def _as_float64(w):
+    W_E = w.W_E.double()
+    return dataclasses.replace(w, W_E=W_E, W_Q=w.W_Q.double(), W_K=w.W_K.double(), W_V=w.W_V.double(),
+                               W_O=w.W_O.double(), W_U=W_E.T if w.tied else w.W_U.double())
+
+
+def _dense_float64(w) -> dict:
+    """Per circuit: the top d_head singular values (L, H, d_head) and the norms (L, H) of the dense circuits."""
+    w = _as_float64(w)
+    out = {}
+    for name in ("ov", "qk"):
+        M = (w.W_E @ w.W_V @ w.W_O @ w.W_U) if name == "ov" else (w.W_E @ w.W_Q @ w.W_K.mT @ w.W_E.T)
+        out[name] = (torch.linalg.svdvals(M)[..., :w.d_head], torch.linalg.matrix_norm(M))
+    return out
+
+
+def _value_tolerance(dtype, S_max):
+    """Absolute tolerance for singular values (and norms) of one head, from the dtype's eps and the
+    problem's scale: the rounding errors of the products and QRs, summed over ``d_model`` terms,
+    grow like ``sqrt(d_model) eps`` relative to the head's largest singular value ``S_max``."""
+    return 8 * torch.finfo(dtype).eps * math.sqrt(RANDOM_SHAPE["d_model"]) * S_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_shared_bases_analysis_matches_dense_float64(tied, dtype):
+    w = _random_model(tied, dtype)
+    report = analyze(w)
+    ref = _dense_float64(w)
+    for name in ("ov", "qk"):
+        got, (S, norm) = getattr(report, name), ref[name]
+        tol = _value_tolerance(dtype, S[..., :1])
+        assert ((got.singular_values.double() - S).abs() <= tol).all(), name
+        assert ((got.norm.double() - norm).abs() <= tol[..., 0]).all(), name
+        if dtype == torch.float32:  # the requirement on float32: within 1e-5 relative of float64
+            assert float(((got.singular_values.double() - S) / S).abs().max()) < 1e-5, name
+            assert float(((got.norm.double() - norm) / norm).abs().max()) < 1e-5, name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_shared_bases_analysis_equals_the_formed_path(tied):
+    """analyze against circuit_metrics on the formed factors (W_E W_V, W_O W_U), both in float32."""
+    from lowrank_op.circuits import circuit_metrics
+
+    w = _random_model(tied)
+    report = analyze(w)
+    for name in ("ov", "qk"):
+        for layer in range(w.n_layers):
+            if name == "ov":
+                formed = FactoredMatrix(w.W_E @ w.W_V[layer], w.W_O[layer] @ w.W_U)
+            else:
+                formed = FactoredMatrix(w.W_E @ w.W_Q[layer], w.W_K[layer].mT @ w.W_E.T)
+            want, got = circuit_metrics(formed), getattr(report, name)
+            tol = 2 * _value_tolerance(torch.float32, want.singular_values[..., :1])  # two float32 paths
+            assert ((got.singular_values[layer] - want.singular_values).abs() <= tol).all()
+            assert ((got.norm[layer] - want.norm).abs() <= tol[..., 0]).all()
+            assert ((got.effective_rank[layer] - want.effective_rank).abs()
+                    <= 2 * _value_tolerance(torch.float32, want.effective_rank)).all()
+            assert ((got.eigenvalue_positivity[layer] - want.eigenvalue_positivity).abs()
+                    <= 2 * _value_tolerance(torch.float32, torch.ones(()))).all()
+
+
+def test_circuit_metrics_of_the_lazy_circuits_use_the_bases_and_match_analyze(monkeypatch):
+    from lowrank_op.circuits import circuit_metrics
+    from lowrank_op.outer_factored import OuterFactoredMatrix
+
+    w = _random_model(tied=False, dtype=torch.float64)
+    report = analyze(w)
+
+    def refuse(self):
+        raise AssertionError("a formed factor was read")
+
+    monkeypatch.setattr(OuterFactoredMatrix, "_A", property(refuse))
+    monkeypatch.setattr(OuterFactoredMatrix, "_B", property(refuse))
+    eps = torch.finfo(torch.float64).eps
+    for name, build in (("ov", ov_circuit), ("qk", qk_circuit)):
+        got = circuit_metrics(build(w, 1))
+        want = getattr(report, name)
+        torch.testing.assert_close(got.singular_values, want.singular_values[1], rtol=100 * eps, atol=0)
+        torch.testing.assert_close(got.eigenvalue_positivity, want.eigenvalue_positivity[1], rtol=0, atol=100 * eps)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_w_e_is_factorised_once_and_w_u_only_when_untied(tied, monkeypatch):
+    from lowrank_op import shared_bases
+
+    factorised = []
+    original = shared_bases._factorise
+
+    def counting(X, method, want_q):
+        factorised.append(tuple(X.shape))
+        return original(X, method, want_q)
+
+    monkeypatch.setattr(shared_bases, "_factorise", counting)
+    w = _random_model(tied)  # fresh tensors: nothing of them is cached yet
+    analyze(w)
+    V, D = w.d_vocab, w.d_model
+    assert factorised == [(V, D)] * (1 if tied else 2)
+
+
+class _TensorsSeen(TorchDispatchMode):
+    """Records the shape and storage size (bytes) of every tensor an aten op produces; a view's
+    storage is its base's, so the sizes are those of real allocations."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.seen.append((func, tuple(leaf.shape), leaf.untyped_storage().nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("batch", ["all-layers", "one-layer"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_analysis_never_allocates_a_vocab_by_head_tensor(tied, batch, monkeypatch):
+    """Nothing (n_heads, d_vocab, d_head)-like: no tensor has both a d_vocab-sized and a d_head-sized
+    dim, and no allocation is larger than W_E (the QR's workspace)."""
+    from lowrank_op import circuits
+
+    if batch == "one-layer":
+        monkeypatch.setattr(circuits, "BATCH_MIN_ELEMENTS", 0)
+    w = _random_model(tied)
+    V, d_head = w.d_vocab, w.d_head
+    W_E_bytes = w.W_E.numel() * w.W_E.element_size()
+    with _TensorsSeen() as mode:
+        analyze(w)
+    offending = [(func, shape) for func, shape, nbytes in mode.seen
+                 if (V in shape and d_head in shape) or nbytes > W_E_bytes]
+    assert not offending, offending[:5]
+    assert any(V in shape for _, shape, _ in mode.seen)  # the QR of W_E was seen
+
+
+def test_overflowing_closing_product_is_named():
+    from lowrank_op.errors import NonFiniteResultError
+
+    w = _random_model(tied=False)
+    big = dataclasses.replace(w, W_E=w.W_E * 1e21, W_U=w.W_U * 1e21)  # W_U W_E is about 1e39
+    with pytest.raises(NonFiniteResultError, match=r"the OV circuits W_E W_V W_O W_U \(from `W_E`, `W_U`\): "
+                                                    r"the product W_U W_E overflowed float32"):
+        analyze(big)
+
+
+def test_layer_batches_give_the_numbers_of_one_layer_at_a_time(monkeypatch):
+    from lowrank_op import circuits
+
+    w = _random_model(tied=False)
+    assert len(circuits._layer_batches(w)) == 1  # a small model goes in one batch
+    batched = analyze(w)
+    monkeypatch.setattr(circuits, "BATCH_MIN_ELEMENTS", 0)
+    assert [(b.start, b.stop) for b in circuits._layer_batches(w)] == [(0, 1), (1, 2)]
+    seen = []
+    one_by_one = analyze(w, on_layer=seen.append)
+    assert seen == [0, 1]
+    for name in ("ov", "qk"):
+        got, want = getattr(batched, name), getattr(one_by_one, name)
+        tol = _value_tolerance(torch.float32, want.singular_values[..., :1])
+        assert ((got.singular_values - want.singular_values).abs() <= tol).all()
+        assert ((got.norm - want.norm).abs() <= tol[..., 0]).all()
+        assert ((got.eigenvalue_positivity - want.eigenvalue_positivity).abs()
+                <= _value_tolerance(torch.float32, torch.ones(()))).all()
+
+
+def test_overflow_in_one_layer_of_a_batch_names_that_layer():
+    from lowrank_op.errors import NonFiniteResultError
+
+    w = _random_model(tied=True)
+    W_V, W_O = w.W_V.clone(), w.W_O.clone()
+    W_V[1] *= 1e37  # finite factors (about 1e35), whose core (about 1e70) is not
+    W_O[1] *= 1e37
+    with pytest.raises(NonFiniteResultError, match=r"^layer 1's OV circuits W_E W_V W_O W_U \(from `W_E`, `W_V\[1\]`, "
+                                                    r"`W_O\[1\]`, `W_U`\): the "):
+        analyze(dataclasses.replace(w, W_V=W_V, W_O=W_O))
