@@ -60,8 +60,7 @@ def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFact
     per factor in float32 for all 144 heads of GPT-2 small, 154 MB for one layer.
     :func:`circuit_metrics` and :func:`analyze` never read them.
     """
-    # The constructor, not ``W_E @ FactoredMatrix(W_V, W_O) @ W_U``: the operator's second product
-    # checks its operand against the formed ``.A`` (factored.py's _check_operand), forming W_E W_V.
+    # The same object as ``W_E @ FactoredMatrix(W_V, W_O) @ W_U``, built in one step.
     return OuterFactoredMatrix(_at(weights.W_V, layer), _at(weights.W_O, layer), left=weights.W_E, right=weights.W_U)
 
 

@@ -24,8 +24,8 @@ from lowrank_op.errors import NonFiniteResultError
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Singular values reported per circuit unless --top-k says otherwise (fewer if d_head is smaller).
 DEFAULT_TOP_K = 5
-#: The memory line gives the analysis' peak increase as a multiple of one layer's circuit factors
-#: and of the weights only when that size is at least this many bytes: a resident-set reading
+#: The memory line gives the analysis' peak increase as a multiple of the embedding ``W_E`` (the
+#: analysis' largest buffers are its QR's) and of the weights only when that size is at least this many bytes: a resident-set reading
 #: moves by a few MiB for reasons of its own (allocator, lazily loaded libraries), which would
 #: swamp the ratio to anything smaller.
 MEMORY_RATIO_MIN_BYTES = 16 * 2**20
@@ -251,15 +251,17 @@ def _split_time(parts: list[tuple[str, float]], total: float) -> str:
     return f"{round(total, 1):.1f} s = " + " + ".join(shown)
 
 
-def _memory_line(increase: int, peak_reset: bool, weights: checkpoints.AttentionWeights, layer_factor_bytes: int) -> str:
-    """The analysis' peak increase, and its ratio to one layer's circuit factors and to the weights
-    where those are at least ``MEMORY_RATIO_MIN_BYTES`` (a plain statement where they are not)."""
+def _memory_line(increase: int, peak_reset: bool, weights: checkpoints.AttentionWeights) -> str:
+    """The analysis' peak increase, and its ratio to the embedding ``W_E`` (whose QR workspace is
+    the analysis' largest buffer) and to the weights where those are at least
+    ``MEMORY_RATIO_MIN_BYTES`` (a plain statement where they are not)."""
     note = "" if peak_reset else " (peak counter could not be reset: includes loading)"
     line = f"increase during analysis: {_size(increase)}{note}"
-    layer = f"one layer's circuit factors ({_size(layer_factor_bytes)}: A and B of one circuit, {weights.n_heads} heads)"
+    embedding_bytes = weights.W_E.numel() * weights.W_E.element_size()
+    embedding = f"W_E ({_size(embedding_bytes)}, factorised once for every head)"
     used = f"the weights used ({_size(weights.nbytes)})"
     small = []
-    for size, what in ((layer_factor_bytes, layer), (weights.nbytes, used)):
+    for size, what in ((embedding_bytes, embedding), (weights.nbytes, used)):
         if size >= MEMORY_RATIO_MIN_BYTES:
             line += f" = {increase / size:.2f} x {what}"
         else:
@@ -337,6 +339,8 @@ def _circuits(args, parser, start: float) -> int:
         "rss_after_loading_bytes": rss_loaded,
         "analysis_peak_increase_bytes": increase,
         "analysis_peak_increase_includes_loading": not peak_reset,
+        "embedding_bytes": weights.W_E.numel() * itemsize,
+        # What forming the circuit factors would hold (the analysis does not form them).
         "one_layer_circuit_factor_bytes": layer_factor_bytes,
         "all_layers_circuit_factor_bytes": layer_factor_bytes * weights.n_layers,
         "weight_bytes": weights.nbytes,
@@ -383,7 +387,7 @@ def _circuits(args, parser, start: float) -> int:
           f"place, printing) on {torch.get_num_threads()} threads")
     print(f"peak memory (ru_maxrss): {_size(peak_total)}; after loading: {_size(rss_loaded)}")
     if increase is not None:
-        print(_memory_line(increase, peak_reset, weights, layer_factor_bytes))
+        print(_memory_line(increase, peak_reset, weights))
     return 0
 
 

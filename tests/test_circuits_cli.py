@@ -236,8 +236,8 @@ def test_memory_line_on_a_tiny_model_gives_no_ratio(tmp_path, capsys):
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith("increase during analysis"))
     assert " x " not in line and "0.0 MiB" not in line
-    # factors: 2 x 2 heads x 20 x 4 float32 = 1280 B; weights: (20 x 8 + 4 x 2 x 8 x 4) float32 = 1664 B
-    assert re.search(r"one layer's circuit factors \(1.25 KiB: .*\) and the weights used \(1.62 KiB\) are below "
+    # W_E: 20 x 8 float32 = 640 B; weights: (20 x 8 + 4 x 2 x 8 x 4) float32 = 1664 B
+    assert re.search(r"W_E \(640 B, factorised once for every head\) and the weights used \(1.62 KiB\) are below "
                      r"16 MiB, too small for a ratio", line), line
 
 
@@ -245,15 +245,12 @@ def test_memory_line_gives_the_ratios_it_can():
     from lowrank_op.checkpoints import random_weights
 
     weights = random_weights(n_layers=1, n_heads=2, d_model=8, d_vocab=20)
-    line = cli._memory_line(3 * 2**30, True, weights, 2**30)
-    assert line.startswith("increase during analysis: 3 GiB = 3.00 x one layer's circuit factors (1 GiB: ")
-    assert line.endswith("; the weights used (1.62 KiB) is below 16 MiB, too small for a ratio to mean anything "
-                         "(a resident-memory reading moves by a few MiB of its own)")
-    big = random_weights(n_layers=1, n_heads=1, d_model=64, d_vocab=2**16)  # 16.06 MiB of weights
-    line = cli._memory_line(2**25, False, big, 2**25)
-    assert line == ("increase during analysis: 32 MiB (peak counter could not be reset: includes loading) = 1.00 x one "
-                    "layer's circuit factors (32 MiB: A and B of one circuit, 1 heads) = 1.99 x the weights used "
-                    "(16.1 MiB)")
+    line = cli._memory_line(3 * 2**30, True, weights)
+    assert line.startswith("increase during analysis: 3 GiB; W_E (640 B, factorised once for every head) and the weights")
+    big = random_weights(n_layers=1, n_heads=1, d_model=64, d_vocab=2**16)  # W_E: 16 MiB; 16.06 MiB of weights
+    line = cli._memory_line(2**25, False, big)
+    assert line == ("increase during analysis: 32 MiB (peak counter could not be reset: includes loading) = 2.00 x "
+                    "W_E (16 MiB, factorised once for every head) = 1.99 x the weights used (16.1 MiB)")
 
 
 # --- The plots --------------------------------------------------------------------------------------
