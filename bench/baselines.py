@@ -6,6 +6,9 @@
   eigenvalues ``torch.linalg.eig(B @ A)``. Written here with ``torch.linalg.svd(...,
   full_matrices=False)``, which is what the deprecated ``torch.svd`` calls. ``tl_svd_tall`` is
   the same method with the SVD of ``B^T`` in place of ``B`` (not TransformerLens's code).
+  ``tl_composition_scores`` is ``transformer_lens.utilities.composition_scores``:
+  ``collapse_l``/``collapse_r`` from that SVD, then the dense broadcast product of the collapsed
+  factors and three dense norms.
 - ``dense_*``: torch.linalg on the formed ``A @ B`` (forming it is part of the timed cost, since a
   caller holding factors has to pay it).
 - ``two_qrs``: the two reduced Householder QRs (of ``A`` and of ``B^T``) alone, the floor of a
@@ -54,6 +57,38 @@ def tl_norm(A: Tensor, B: Tensor) -> Tensor:
 def tl_eigenvalues(A: Tensor, B: Tensor) -> Tensor:
     """TransformerLens's ``eigenvalues``: ``torch.linalg.eig(B @ A).eigenvalues``, unsorted."""
     return torch.linalg.eig(B @ A).eigenvalues
+
+
+def tl_composition_scores(left_A: Tensor, left_B: Tensor, right_A: Tensor, right_B: Tensor) -> Tensor:
+    """TransformerLens's ``composition_scores(left, right, broadcast_dims=True)`` for
+    ``left = FactoredMatrix(left_A, left_B)`` and ``right = FactoredMatrix(right_A, right_B)``.
+
+    Its algorithm, step by step: every leading dim of ``left`` is paired with every one of
+    ``right`` by unsqueezing both factors (``right`` at the front, ``left`` after its own dims);
+    ``right.collapse_r() = U diag(S)`` (ldim x mdim) and ``left.collapse_l() = diag(S) V^T``
+    (mdim x rdim) from :func:`tl_svd` of the unsqueezed factors; the score is
+    ``|collapse_l @ collapse_r|_F / |collapse_r|_F / |collapse_l|_F``, the product formed densely
+    by ``torch.matmul`` with its broadcasting (one ``mdim x k x mdim`` product per pair, each
+    operand expanded to every pair). Real factors (TransformerLens transposes without conjugating).
+
+    Shapes: ``left_A`` (*lead_l, n, m1), ``left_B`` (*lead_l, m1, k), ``right_A`` (*lead_r, k, m2),
+    ``right_B`` (*lead_r, m2, r), each pair of factors with the same number of leading dims;
+    returns (*lead_l, *lead_r).
+    """
+    l_leading = len(torch.broadcast_shapes(left_A.shape[:-2], left_B.shape[:-2]))
+    r_leading = len(torch.broadcast_shapes(right_A.shape[:-2], right_B.shape[:-2]))
+    for i in range(l_leading):
+        right_A, right_B = right_A.unsqueeze(i), right_B.unsqueeze(i)
+    for i in range(r_leading):
+        left_A, left_B = left_A.unsqueeze(i + l_leading), left_B.unsqueeze(i + l_leading)
+    U_r, S_r, _ = tl_svd(right_A, right_B)
+    new_right = U_r * S_r[..., None, :]  # collapse_r
+    _, S_l, V_l = tl_svd(left_A, left_B)
+    new_left = S_l[..., :, None] * V_l.mT  # collapse_l
+    r_norms = new_right.norm(dim=[-2, -1])
+    l_norms = new_left.norm(dim=[-2, -1])
+    comp_norms = (new_left @ new_right).norm(dim=[-2, -1])
+    return comp_norms / r_norms / l_norms
 
 
 # --- Dense torch on the formed product ------------------------------------------------------------

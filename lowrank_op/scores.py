@@ -37,6 +37,17 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
     All three norms are factored (:meth:`FactoredMatrix.norm`); nothing of size ``ldim x rdim`` is
     formed. TransformerLens removes the orthogonal factors first (``collapse_l``/``collapse_r``),
     which leaves every norm unchanged, so the scores agree.
+
+    For every pair of heads (``left = OV``, ``right = QK`` with leading dims ``(L, H)`` each),
+    ``left @ right`` is an :class:`~lowrank_op.outer_factored.OuterFactoredMatrix`
+    ``left.A (left.B right.A) right.B`` whose small cores ``left.B right.A`` (``m1 x m2``) for all
+    pairs come from one ``(L H m1) x k x (L H m2)`` GEMM (:func:`lowrank_op._products.fold_matmul`),
+    and its norm is ``|R_A C R_B^H|_F`` per pair, with ``R_A`` and ``R_B`` from one QR of
+    ``left.A`` and of ``right.B^H`` per head (:func:`lowrank_op.shared_bases.frobenius_norm`):
+    ``O(m1 m2 (m1 + m2))`` per pair after the GEMM's ``O(m1 k m2)``, and the pairs' cores are the
+    only ``(L H)^2``-sized memory. TransformerLens multiplies the collapsed ``m1 x k`` and
+    ``k x m2`` factors by ``torch.matmul``'s broadcasting, which copies each of them once per
+    pair; bench/bench_composition.py times both at GPT-2 small's shapes.
     """
     if not isinstance(left, FactoredMatrix) or not isinstance(right, FactoredMatrix):
         raise TypeError(

@@ -33,6 +33,8 @@ per matrix, values only            ``O(m p^2 + m q^2 + (p + q) m^2)``: nothing o
 vectors (``svd()``)                ``+ O((n + r) m)`` per matrix for ``U = Q_L U_c``,
                                    ``V = Q_R V_c``
 forming ``L A`` and ``B R``        ``O(N n p m)``, what the shared path avoids
+norm, a core factor shared         one QR of that factor (cached), then ``O(p m^2)`` per matrix
+(``fm1 @ fm2`` for all pairs)      for the formed ``p x m`` reduced core (:func:`frobenius_norm`)
 =================================  ==========================================================
 
 A loop over many inner pairs with the same outer factors (every head of every layer:
@@ -227,11 +229,19 @@ def core_factors(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, metho
     formed sides), promoted to the compute dtype. ``Q_L`` (``Q_R``) is the identity on a formed
     side. ``want_q`` asks for factorisations that keep ``Q`` (for vectors afterwards).
     """
+    P, A, B, Q = _core_chain(L, A, B, R, method, sides, want_q)
+    return (A if P is None else fold_matmul(P, A)), (B if Q is None else fold_matmul(B, Q))
+
+
+def _core_chain(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str,
+                sides: tuple[bool, bool], want_q: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """``(P, A, B, Q)`` with ``X = P A`` and ``Y = B Q`` of :func:`core_factors` (None: absent),
+    promoted: ``P`` is ``R_L`` or ``L``, ``Q`` is ``R_R^H`` or ``R``."""
     left, right = sides
     A, B = kernels.promote(A, B)
-    X = A if L is None else fold_matmul(_left_reduced(L, method, want_q) if left else kernels.promote(L)[0], A)
-    Y = B if R is None else fold_matmul(B, _right_reduced(R, method, want_q) if right else kernels.promote(R)[0])
-    return X, Y
+    P = None if L is None else (_left_reduced(L, method, want_q) if left else kernels.promote(L)[0])
+    Q = None if R is None else (_right_reduced(R, method, want_q) if right else kernels.promote(R)[0])
+    return P, A, B, Q
 
 
 def svdvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
@@ -259,11 +269,133 @@ def svdvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: st
     return kernels.svdvals(*core_factors(L, A, B, R, method, sides), method=method)
 
 
+#: Bytes of the largest intermediate of one chunk of :func:`_chain_norm`. Chunks below glibc's
+#: largest dynamic mmap threshold (32 MiB) come back from the allocator already paged in: for all
+#: pairs of GPT-2 small's heads each fresh 340 MB intermediate of the unchunked product cost about
+#: 90 ms of page faults here (the whole norm 350 ms; in 16 MiB chunks 200 ms, in 85 MB ones 350
+#: ms), and the extra memory is a few chunks instead of two core-sized arrays.
+_CHUNK_BYTES = 2**24
+
+
+def _chain_norm(factors: list[Tensor]) -> Tensor:
+    """Frobenius norm per matrix (shape: the broadcast batch, real) of the formed product of
+    ``factors`` (leading dims broadcast), chunked along the batch so that no intermediate exceeds
+    about :data:`_CHUNK_BYTES` (a chunk is at least one matrix). Each chunk is
+    :func:`~lowrank_op._products.fold_matmul` products left to right, then one pass of sums of
+    squares (:func:`_formed_norm`). Cost: the products' multiply-adds; memory: a chunk's
+    intermediates."""
+    batch = torch.broadcast_shapes(*(F.shape[:-2] for F in factors))
+    nb = len(batch)
+    factors = [F.reshape((1,) * (nb + 2 - F.dim()) + F.shape) for F in factors]
+    rows = factors[0].shape[-2]
+    per_matrix = max(rows * F.shape[-1] for F in factors[1:])
+    total = math.prod(batch) * per_matrix
+    limit = _CHUNK_BYTES // factors[0].element_size()  # entries
+    split = next((d for d in range(nb) if batch[d] > 1), None)
+    if total <= limit or split is None:
+        return _formed_norm(factors)
+    step = max(1, limit // (total // batch[split]))
+    parts = [
+        _chain_norm([F.narrow(split, start, min(step, batch[split] - start)) if F.shape[split] != 1 else F
+                     for F in factors])
+        for start in range(0, batch[split], step)
+    ]
+    return torch.cat(parts, split)
+
+
+def _formed_norm(factors: list[Tensor]) -> Tensor:
+    """Frobenius norm per matrix of the product of ``factors`` (aligned to the same number of
+    dims), formed.
+
+    A matrix whose sum of squares may have lost accuracy to underflow (norm below
+    ``sqrt(k tiny / eps)`` for ``k`` entries, zeros included) or overflowed (not finite) is formed
+    again from its factors scaled by powers of two (exact), its entries scaled before squaring;
+    NaN and infinite inputs stay so.
+    """
+    Z = factors[0]
+    for F in factors[1:]:
+        Z = fold_matmul(Z, F)
+    norm = torch.linalg.vector_norm(Z, dim=(-2, -1))
+    finfo = torch.finfo(norm.dtype)
+    floor = math.sqrt(max(Z.shape[-2] * Z.shape[-1], 1) * finfo.tiny / finfo.eps)
+    redo = ~(torch.isfinite(norm) & (norm >= floor))
+    if not bool(redo.any()):
+        return norm
+    where = redo.nonzero(as_tuple=True)
+    Z, scale = None, 1
+    for F in factors:
+        F, F_scale = kernels._balance(F.expand(*norm.shape, *F.shape[-2:])[where])
+        Z, scale = (F if Z is None else Z @ F), scale * F_scale
+    Z, Z_scale = kernels._balance(Z)
+    again = torch.linalg.vector_norm(Z, dim=(-2, -1)) * (Z_scale * scale)[..., 0, 0]
+    return norm.index_put(where, again)
+
+
+def _shared_core_norm(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str,
+                      sides: tuple[bool, bool]) -> Tensor | None:
+    """``|L A B R|_F`` through the bases of core factors shared across the batch, or None where
+    that does not pay; see :func:`frobenius_norm`."""
+    # Decided from the shapes alone: X = P A is (p, m), Y = B Q is (m, q), with P = R_L (p_L, p_L)
+    # on a side that uses its basis (plan() chose it: L is tall), else L itself; Q likewise.
+    p = A.shape[-2] if L is None else (L.shape[-1] if sides[0] else L.shape[-2])
+    q = B.shape[-1] if R is None else (R.shape[-2] if sides[1] else R.shape[-1])
+    m = A.shape[-1]
+    x_batch = torch.broadcast_shapes(*(F.shape[:-2] for F in (L, A) if F is not None))
+    y_batch = torch.broadcast_shapes(*(F.shape[:-2] for F in (B, R) if F is not None))
+    batch = torch.broadcast_shapes(x_batch, y_batch)
+    if m == 0 or math.prod(batch) == 0:
+        return None
+    shared_x, shared_y = math.prod(batch) // math.prod(x_batch), math.prod(batch) // math.prod(y_batch)
+    reduce_x, reduce_y = shared_x > 1 and p > m, shared_y > 1 and q > m
+    if not (reduce_x or reduce_y):
+        return None
+    p2, q2 = (m if reduce_x else p), (m if reduce_y else q)
+    if p2 * q2 > m * (p2 + q2):
+        return None  # forming the reduced core would cost more than two Gram matrices of it
+    sides_reduced = (("X", x_batch, p, m, shared_x, reduce_x), ("Y", y_batch, m, q, shared_y, reduce_y))
+    what = " and ".join(f"{name} {(*shape, rows, cols)} (shared by {count} matrices)"
+                        for name, shape, rows, cols, count, use in sides_reduced if use)
+    choices.record(
+        "norm", "formed",
+        f"core factor {what} reduced through its QR: the {p2} x {q2} core formed costs {p2 * q2 * m} "
+        f"multiply-adds per matrix, two Gram matrices {m * m * (p2 + q2)}, and its norm has no "
+        "cancellation to estimate.",
+    )
+    P, A, B, Q = _core_chain(L, A, B, R, method, sides, want_q=False)
+    left = [F for F in (P, A) if F is not None]  # X = P A
+    right = [F for F in (B, Q) if F is not None]  # Y = B Q
+    if reduce_x:
+        X = left[0] if len(left) == 1 else fold_matmul(*left)
+        left = [_left_reduced(X, method, want_q=False)]
+    if reduce_y:
+        Y = right[0] if len(right) == 1 else fold_matmul(*right)
+        right = [_right_reduced(Y, method, want_q=False)]
+    return _chain_norm(left + right)
+
+
 def frobenius_norm(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
                    outer: str = "auto", norm_method: str = "auto") -> Tensor:
-    """Frobenius norm of ``L @ A @ B @ R``, shape (...): the core's, by
-    :func:`lowrank_op.kernels.frobenius_norm` (``norm_method``); arguments as :func:`svdvals`."""
+    """Frobenius norm of ``L @ A @ B @ R``, shape (...): the norm of the core ``X Y``
+    (:func:`core_factors`); arguments as :func:`svdvals`.
+
+    With ``norm_method="auto"``, a core factor shared across the batch, ``Y`` of shape
+    (..., m, q) with ``q > m`` whose leading dims broadcast against more matrices than it has (or
+    ``X`` likewise, ``p > m``), as in ``(fm1 @ fm2).norm()`` for every pair of heads, is reduced
+    through its own basis (cached): ``Y = R_Y^H Q_Y^H``, so ``|X Y|_F = |X R_Y^H|_F``. When the
+    reduced ``p' x q'`` core costs no more to form than two Gram matrices of it
+    (``p' q' <= m (p' + q')``), it is formed, in chunks of the batch of about
+    :data:`_CHUNK_BYTES` (:func:`_chain_norm`), and its norm taken by sums of squares:
+    accurate to ``O(eps |X| |Y|)`` as ``"qr"`` is, with no Gram error estimate to take. Per matrix
+    ``O(p' m q')`` (for all pairs of GPT-2 small's heads, two 64 x 64 x 64 products per pair after
+    the core's GEMM), plus one QR of the shared factor. Recorded to :mod:`lowrank_op.choices`
+    (``"norm"``, ``"formed"``). Otherwise, and for ``"gram"`` or ``"qr"``,
+    :func:`lowrank_op.kernels.frobenius_norm` (``norm_method``) of ``X`` and ``Y``.
+    """
     sides = plan(L, A, B, R, method, outer)
+    if norm_method == "auto":
+        norm = _shared_core_norm(L, A, B, R, method, sides)
+        if norm is not None:
+            return norm
     return kernels.frobenius_norm(*core_factors(L, A, B, R, method, sides), method=norm_method)
 
 

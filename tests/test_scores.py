@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
-from helpers import dense, make_factors, tol
+from helpers import dense, make_factors, scale_of, tol
 
-from lowrank_op import FactoredMatrix, composition_scores
+from lowrank_op import FactoredMatrix, choices, composition_scores, shared_bases
 
 
 def dense_score(L: torch.Tensor, R: torch.Tensor) -> float:
@@ -94,3 +94,133 @@ def test_composition_scores_small_scores_are_accurate(dtype, delta, rel):
     expected = dense_score(dense(left.A, left.B), dense(right.A, right.B))
     assert expected < 10 * delta
     assert float(composition_scores(left, right)) == pytest.approx(expected, rel=rel)
+
+
+# --- Every pair of heads: fm1 @ fm2 keeps the small core, the norm goes through shared bases ------
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps,
+       torch.complex64: torch.finfo(torch.float32).eps, torch.complex128: torch.finfo(torch.float64).eps}
+
+
+def dense_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> torch.Tensor:
+    """TransformerLens's definition on the formed products, in float64: ``|L R|_F / (|L|_F |R|_F)``."""
+    L, R = dense(left.A, left.B), dense(right.A, right.B)
+    if broadcast_dims:
+        n_left, n_right = L.dim() - 2, R.dim() - 2
+        L = L.reshape(*L.shape[:-2], *(1,) * n_right, *L.shape[-2:])
+        R = R.reshape(*(1,) * n_left, *R.shape)
+    norm = torch.linalg.matrix_norm
+    return norm(L @ R) / (norm(L) * norm(R))
+
+
+def score_bound(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> torch.Tensor:
+    """An absolute error bound from eps: each norm is backward stable, off by ``O(eps)`` times the
+    product of its factors' norms, so a score is off by ``O(eps) rho_L rho_R`` with
+    ``rho = |A|_F |B|_F / |A B|_F`` (>= 1) on each side."""
+    norm = torch.linalg.matrix_norm
+    rho = [scale_of(fm.A, fm.B) / norm(dense(fm.A, fm.B)) for fm in (left, right)]
+    if broadcast_dims:
+        rho[0] = rho[0].reshape(*rho[0].shape, *(1,) * rho[1].dim())
+    return 8 * EPS[left.dtype] * rho[0] * rho[1]
+
+
+def assert_scores(scores: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
+    assert scores.shape == expected.shape and not scores.dtype.is_complex
+    err = (scores.double() - expected).abs()
+    assert bool((err <= bound).all()), f"worst error {float((err / bound).max()):.3g} x the bound"
+
+
+# left: (A shape, B shape), right: (A shape, B shape), optional rank of both A factors.
+HEAD_PAIRS = {
+    # right.mdim <= left.mdim: L = left.A outer, core, right.B shared by every left head (reduced)
+    "heads_m2_le_m1": (((2, 3, 10, 4), (2, 3, 4, 9)), ((3, 9, 3), (3, 3, 10)), None),
+    # right.mdim > left.mdim: left.A shared by every right head (reduced), core, R = right.B outer
+    "heads_m2_gt_m1": (((2, 2, 10, 3), (2, 2, 3, 9)), ((3, 9, 4), (3, 4, 10)), None),
+    "gpt2_like": (((2, 2, 12, 4), (2, 2, 4, 12)), ((2, 2, 12, 4), (2, 2, 4, 12)), None),
+    "mdim_gt_ldim": (((2, 3, 5), (2, 5, 8)), ((3, 8, 6), (3, 6, 4)), None),
+    "rank_deficient": (((2, 3, 10, 4), (2, 3, 4, 9)), ((3, 9, 4), (3, 4, 10)), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("pair", HEAD_PAIRS.values(), ids=HEAD_PAIRS.keys())
+def test_composition_scores_pairs_of_heads(pair, dtype):
+    (a1, b1), (a2, b2), rank = pair
+    left = FactoredMatrix(*make_factors(a1, b1, dtype, rank=rank, seed=1))
+    right = FactoredMatrix(*make_factors(a2, b2, dtype, rank=rank, seed=2))
+    with choices.recorded() as log:
+        scores = composition_scores(left, right)
+    assert_scores(scores, dense_scores(left, right), score_bound(left, right))
+    if len(a1) > 3:  # heads of both: the product's norm took the shared-basis path
+        assert ("norm", "formed") in {(c.operation, c.method) for c in log}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_composition_scores_no_broadcast_dims_shared_right(dtype):
+    # right's leading dims broadcast against left's: right.B is shared by both left layers.
+    left = FactoredMatrix(*make_factors((2, 3, 10, 4), (2, 3, 4, 9), dtype, seed=1))
+    right = FactoredMatrix(*make_factors((1, 3, 9, 3), (1, 3, 3, 10), dtype, seed=2))
+    scores = composition_scores(left, right, broadcast_dims=False)
+    assert_scores(scores, dense_scores(left, right, False), score_bound(left, right, False))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_composition_scores_zero_head(side):
+    # A head whose W_O (or W_Q) is zero: its scores are 0 / 0, NaN as in TransformerLens and the
+    # dense definition; every other pair is unaffected.
+    A1, B1 = make_factors((2, 3, 10, 4), (2, 3, 4, 9), torch.float32, seed=1)
+    A2, B2 = make_factors((3, 9, 4), (3, 4, 10), torch.float32, seed=2)
+    if side == "left":
+        B1 = B1.clone()
+        B1[1, 2] = 0
+    else:
+        A2 = A2.clone()
+        A2[0] = 0
+    left, right = FactoredMatrix(A1, B1), FactoredMatrix(A2, B2)
+    scores, expected = composition_scores(left, right), dense_scores(left, right)
+    zero = torch.isnan(expected)
+    assert bool(zero.any()) and torch.equal(torch.isnan(scores), zero)
+    bound = score_bound(left, right)
+    assert bool(((scores.double() - expected).abs()[~zero] <= bound.expand_as(expected)[~zero]).all())
+
+
+@pytest.mark.parametrize("a_lead, b_lead", [((0, 2), (3,)), ((2,), (0, 3))])
+def test_composition_scores_empty_leading_dims(a_lead, b_lead):
+    left = FactoredMatrix(*make_factors((*a_lead, 6, 3), (*a_lead, 3, 5), torch.float32, seed=1))
+    right = FactoredMatrix(*make_factors((*b_lead, 5, 2), (*b_lead, 2, 6), torch.float32, seed=2))
+    scores = composition_scores(left, right)
+    assert scores.shape == (*a_lead, *b_lead)
+
+
+def test_composition_scores_empty_inner_dim():
+    # mdim 0: every product is zero, every score 0 / 0 (NaN), as for the dense definition.
+    left = FactoredMatrix(torch.randn(2, 5, 0), torch.randn(2, 0, 6))
+    right = FactoredMatrix(*make_factors((3, 6, 2), (3, 2, 5), torch.float32))
+    scores = composition_scores(left, right)
+    assert scores.shape == (2, 3) and bool(torch.isnan(scores).all())
+    assert bool(torch.isnan(dense_scores(left, right)).all())
+
+
+def test_composition_scores_gradient():
+    # First-order exact through the bases (their Q held constant): gradcheck in float64.
+    A1, B1 = make_factors((2, 1, 8, 3), (2, 1, 3, 7), torch.float64, seed=1)
+    A2, B2 = make_factors((1, 2, 7, 3), (1, 2, 3, 8), torch.float64, seed=2)
+    leaves = [X.clone().requires_grad_() for X in (A1, B1, A2, B2)]
+
+    def scores(*factors):
+        return composition_scores(FactoredMatrix(*factors[:2]), FactoredMatrix(*factors[2:]), broadcast_dims=False)
+
+    assert torch.autograd.gradcheck(scores, leaves)
+
+
+@pytest.mark.parametrize("pair", ["heads_m2_le_m1", "heads_m2_gt_m1"])
+def test_composition_scores_chunked(pair, monkeypatch):
+    # The formed reduced cores are normed in chunks of the batch (a few MB each at full size);
+    # chunks of a matrix or two give the same scores as the whole batch at once.
+    (a1, b1), (a2, b2), _ = HEAD_PAIRS[pair]
+    left = FactoredMatrix(*make_factors(a1, b1, torch.float64, seed=1))
+    right = FactoredMatrix(*make_factors(a2, b2, torch.float64, seed=2))
+    whole = composition_scores(left, right)
+    monkeypatch.setattr(shared_bases, "_CHUNK_BYTES", 40 * 8)  # 40 float64 entries
+    chunked = composition_scores(left, right)
+    torch.testing.assert_close(chunked, whole, rtol=16 * EPS[torch.float64], atol=0)
+    assert_scores(chunked, dense_scores(left, right), score_bound(left, right))
