@@ -129,7 +129,9 @@ def test_values_only_paths_hold_at_most_one_factor_sized_buffer(what):
 def test_shared_outer_factor_paths_never_form_a_per_head_factor(what):
     figures = _outer_figures()
     # W_E is 25.6 MB, as is W_U, and so is each one's QR buffer; one (16, 200000, 16) tensor,
-    # W_E @ W_V, is 204.8 MB. Forming it (reading .A) is seen by the measurement.
+    # W_E @ W_V, is 204.8 MB. Forming it (reading .A) is seen by the measurement, though a little
+    # below its size where pages freed by an earlier path in the same process are reused (202 MB
+    # was seen), hence the 3/4; the values-only paths must stay below half of it (about 48 MB here).
     assert figures["formed_factor"] >= 8 * figures["factor"]
-    assert figures["extra"]["formed"] >= figures["formed_factor"], figures
-    assert figures["extra"][what] < figures["formed_factor"], figures
+    assert figures["extra"]["formed"] >= 0.75 * figures["formed_factor"], figures
+    assert figures["extra"][what] < 0.5 * figures["formed_factor"], figures
