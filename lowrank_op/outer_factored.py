@@ -368,17 +368,14 @@ class OuterFactoredMatrix(FactoredMatrix):
         :meth:`svd`, singular vectors with a gradient on an outer factor take the formed path (a
         constant ``Q_L`` would drop the part of ``dU`` outside it)."""
         chain = self._chain()
-        L, _, _, R = chain
-        formed = return_singular_vectors and (shared_bases._needs_grad(L) or shared_bases._needs_grad(R))
-        sides = shared_bases.plan(*chain, outer="formed" if formed else "auto")
+        sides = (shared_bases.vector_sides if return_singular_vectors else shared_bases.plan)(*chain)
         X, Y = shared_bases.core_factors(*chain, sides=sides, want_q=return_singular_vectors)
         out = topk.svds(X, Y, k, method, return_singular_vectors=return_singular_vectors, tol=tol,
                         maxiter=maxiter, random_state=random_state, progress=progress)
         if not return_singular_vectors:
             return out
         U, S, V = out
-        U = fold_matmul(shared_bases.basis(L, want_q=True).Q, U) if sides[0] else U
-        V = fold_matmul(shared_bases.basis(R.mH, want_q=True).Q, V) if sides[1] else V
+        U, V = shared_bases.lift_vectors(chain[0], chain[3], sides, U, V)
         return U, S, V
 
     def eigs(self, k: int = 6, method: str = "auto", *, tol: float = 0.0, maxiter: int | None = None,

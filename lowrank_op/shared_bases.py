@@ -408,14 +408,31 @@ def svd(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = 
     needs a gradient its side is formed (a constant ``Q_L`` would lose part of ``dU``); arguments
     as :func:`svdvals`.
     """
-    if _needs_grad(L) or _needs_grad(R):
-        outer = "formed"
-    sides = plan(L, A, B, R, method, outer)
+    sides = vector_sides(L, A, B, R, method, outer)
     X, Y = core_factors(L, A, B, R, method, sides, want_q=True)
     U_c, S, V_c = kernels.svd(X, Y, method=method)
+    U, V = lift_vectors(L, R, sides, U_c, V_c, method)
+    return U, S, V
+
+
+def vector_sides(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str = "auto",
+                 outer: str = "auto") -> tuple[bool, bool]:
+    """:func:`plan` for singular vectors: where an outer factor needs a gradient, every side is
+    formed (``U = Q_L U_c`` with ``Q_L`` held constant would lose the part of ``dU`` outside
+    ``range(Q_L)``)."""
+    if _needs_grad(L) or _needs_grad(R):
+        outer = "formed"
+    return plan(L, A, B, R, method, outer)
+
+
+def lift_vectors(L: Tensor | None, R: Tensor | None, sides: tuple[bool, bool], U_c: Tensor, V_c: Tensor,
+                 method: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(Q_L U_c, Q_R V_c)``: singular vectors of the core of :func:`core_factors` (with these
+    ``sides``) as the product's; a formed side's vectors are the product's already. Cost one
+    ``(n, p) @ (p, k)`` product per matrix and side that uses its basis."""
     U = fold_matmul(basis(L, method, want_q=True).Q, U_c) if sides[0] else U_c
     V = fold_matmul(basis(R.mH, method, want_q=True).Q, V_c) if sides[1] else V_c
-    return U, S, V
+    return U, V
 
 
 # --- Eigenvalues and traces of a square product ---------------------------------------------------
@@ -466,8 +483,7 @@ def _cycle(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: str
         )
         outer = "shared" if use else "formed"
     if outer == "formed":
-        Lp, Rp = kernels.promote(L, R)
-        return fold_matmul(Lp, A), fold_matmul(B, Rp)
+        return core_factors(L, A, B, R, method, sides=(False, False))  # (L A, B R)
     return fold_matmul(closing_product(R, L, method), A), B
 
 
@@ -488,10 +504,7 @@ def eigvals(L: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None, method: st
     no more than the cycle with ``n`` that small)."""
     n = (A if L is None else L).shape[-2]
     if n < A.shape[-1]:
-        A, B = kernels.promote(A, B)
-        X = A if L is None else fold_matmul(kernels.promote(L)[0], A)
-        Y = B if R is None else fold_matmul(B, kernels.promote(R)[0])
-        return kernels.eigvals(X, Y)
+        return kernels.eigvals(*core_factors(L, A, B, R, method, sides=(False, False)))  # (L A, B R)
     return kernels.eigvals(*_cycle(L, A, B, R, method, outer))
 
 
