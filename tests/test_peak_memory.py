@@ -24,18 +24,26 @@ import textwrap
 
 import pytest
 
-_SCRIPT = textwrap.dedent(
+#: What both measuring scripts start with: one thread, and ``peak_bytes()``, the peak resident set
+#: (``VmHWM``), which ``lowrank_op._memory.reset_peak`` (``/proc/self/clear_refs``) resets.
+_PRELUDE = textwrap.dedent(
     """
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from lowrank_op import FactoredMatrix
+    from lowrank_op._memory import reset_peak
 
     def peak_bytes():
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
+    """
+)
+
+_SCRIPT = _PRELUDE + textwrap.dedent(
+    """
+    from lowrank_op import FactoredMatrix
 
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(4, 100_000, 16, generator=gen)
@@ -51,26 +59,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-_OUTER_SCRIPT = textwrap.dedent(
+_OUTER_SCRIPT = _PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
     from lowrank_op import FactoredMatrix, _cache
-
-    def peak_bytes():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-
-    def reset_peak():  # Linux >= 4.0: the peak resident set starts again from the current one
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
 
     gen = torch.Generator().manual_seed(0)
     heads, d_model, d_head, vocab = 16, 32, 16, 200_000
