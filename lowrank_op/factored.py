@@ -50,6 +50,14 @@ def _warn_if_repeated(S: Tensor) -> None:
         )
 
 
+def _outer_factored(A: Tensor, B: Tensor, **outer: Tensor) -> FactoredMatrix:
+    """``OuterFactoredMatrix(A, B, left=..., right=...)``, imported when first needed: it subclasses
+    FactoredMatrix, so its module imports this one."""
+    from lowrank_op.outer_factored import OuterFactoredMatrix
+
+    return OuterFactoredMatrix(A, B, **outer)
+
+
 def _all_tensors(*items: object) -> bool:
     """Whether every item is a torch Tensor (not a TensorLike stand-in, which keeps the plain paths)."""
     return all(isinstance(item, Tensor) for item in items)
@@ -565,11 +573,9 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
             if k == 0 and _all_tensors(core, self._A, other._B):
                 # The small core stays a factor of its own; self.A and other.B stay outer factors,
                 # factorised once however many pairs they join (lowrank_op.outer_factored).
-                from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
-
                 if other.mdim <= self.mdim:
-                    return OuterFactoredMatrix(core, other._B, left=self._A)
-                return OuterFactoredMatrix(self._A, core, right=other._B)
+                    return _outer_factored(core, other._B, left=self._A)
+                return _outer_factored(self._A, core, right=other._B)
             if other.mdim <= self.mdim:
                 return FactoredMatrix(scale_pow2(self._A @ core, k), other._B)
             return FactoredMatrix(self._A, scale_pow2(core @ other._B, k))
@@ -578,9 +584,7 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
                 self._check_operand(other, other.shape[-2], self.rdim, "rows")
                 if self.rdim > self.mdim and other.shape[-1] > other.shape[-2] and _all_tensors(other, self._A, self._B):
                     # ``other`` widens the product (``ov @ W_U``): kept as an outer factor.
-                    from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
-
-                    return OuterFactoredMatrix(self._A, self._B, right=other)
+                    return _outer_factored(self._A, self._B, right=other)
                 if self.rdim > self.mdim:
                     return FactoredMatrix(self._A, self._B @ other)
                 return FactoredMatrix(self.to_dense(), other)
@@ -597,9 +601,7 @@ class FactoredMatrix(LinearOperator, scipy_bridge.ScipyProtocol):
                 self._check_operand(other, other.shape[-1], self.ldim, "columns")
                 if self.ldim > self.mdim and other.shape[-2] > other.shape[-1] and _all_tensors(other, self._A, self._B):
                     # ``other`` widens the product (``W_E @ ov``): kept as an outer factor.
-                    from lowrank_op.outer_factored import OuterFactoredMatrix  # it subclasses this class
-
-                    return OuterFactoredMatrix(self._A, self._B, left=other)
+                    return _outer_factored(self._A, self._B, left=other)
                 if self.ldim > self.mdim:
                     return FactoredMatrix(other @ self._A, self._B)
                 return FactoredMatrix(other, self.to_dense())
