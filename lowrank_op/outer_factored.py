@@ -21,7 +21,7 @@ from torch import Tensor
 from lowrank_op import _indexing, shared_bases, topk
 from lowrank_op._autograd import sum_to_shape
 from lowrank_op._cache import ResultCache
-from lowrank_op._checks import check_broadcast, check_factor, check_factors
+from lowrank_op._checks import as_scalar, check_broadcast, check_factor, check_factors
 from lowrank_op._products import fold_matmul
 from lowrank_op.errors import DeviceMismatchError, DtypeMismatchError, ShapeMismatchError
 from lowrank_op.factored import FactoredMatrix, _warn_if_repeated
@@ -257,20 +257,19 @@ class OuterFactoredMatrix(FactoredMatrix):
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
         if other.dim():
             other = other[..., None, None]
-        L, A, B, R = self._chain()
-        return self._with(L, A * other, B, R)
+        return self._scaled(self._args[0] * other)
 
     def _scaled(self, A: Tensor) -> OuterFactoredMatrix:
         L, _, B, R = self._chain()
         return self._with(L, A, B, R)
 
     def __mul__(self, other) -> OuterFactoredMatrix:
-        return self._scaled(FactoredMatrix.__mul__(self.inner, other)._args[0])
+        return self._scaled(self._args[0] * as_scalar("other", other, self.dtype, self.device))
 
     __rmul__ = __mul__
 
     def __truediv__(self, other) -> OuterFactoredMatrix:
-        return self._scaled(FactoredMatrix.__truediv__(self.inner, other)._args[0])
+        return self._scaled(self._args[0] / as_scalar("other", other, self.dtype, self.device))
 
     def __neg__(self) -> OuterFactoredMatrix:
         return self._scaled(-self._args[0])
