@@ -8,10 +8,13 @@ the result is ``(12, 12, 12, 12)``, every left head against every right head (20
 mask TransformerLens applies afterwards is left out, it costs nothing). Each mode is a group:
 
 - ``lowrank_op (bases cold)``: :func:`lowrank_op.composition_scores` on the two FactoredMatrix
-  objects, with the shared cache of outer-factor QRs cleared before every round (the QRs of
-  ``W_V`` and of the right's ``B`` are in the time);
+  objects (``method="auto"``, which takes ``"gram"`` here: :mod:`lowrank_op.pairwise_norms`),
+  with the shared cache of outer-factor QRs cleared before every round (the QRs of ``W_V`` and of
+  the right's ``B`` are in the time);
 - ``lowrank_op (bases cached)``: the same with the QRs left cached from the previous round, as
   for the second and third mode of a model;
+- ``lowrank_op method='product' (bases cold)``: the other route, every pair's ``64 x 64`` core
+  from one GEMM, for comparison;
 - ``tl``: TransformerLens's ``composition_scores`` on the same factors
   (:func:`bench.baselines.tl_composition_scores`, which follows TL's code step by step: the SVD
   method's ``collapse_l``/``collapse_r``, the dense broadcast product of every pair, three norms).
@@ -24,10 +27,11 @@ R_B^T)|_F``, one float64 GEMM for all pairs; and from TransformerLens's own scor
 (``max_rel_diff_vs_tl``). Asserted: both within :data:`MAX_REL_ERROR`. Peak memory: the RSS
 high-water mark during the case minus the RSS before it (Linux), ``peak_extra_GiB``.
 
-About 90 s on a quiet 2-core machine, most of it TransformerLens: about 5 s a call, 3.8 s of it
+About 100 s on a quiet 2-core machine, most of it TransformerLens: about 5 s a call, 3.8 s of it
 the broadcast matmul, which copies both collapsed operands once per pair (4 GB each, 8 GiB of
-extra peak memory); lowrank_op about 1 s, 0.67 s of it the one GEMM that forms every pair's
-64 x 64 core. With other processes on the cores TransformerLens's copies slow down far more
+extra peak memory). ``"gram"`` spends about 0.3 s in its float64 Gram blocks and pair sums;
+``"product"`` about 1 s, 0.67 s of it the one GEMM that forms every pair's 64 x 64 core. With
+other processes on the cores TransformerLens's copies slow down far more
 (12 to 90 s a call were seen), so the ratios are meaningful only without the summary's warning.
 """
 
@@ -45,8 +49,8 @@ from lowrank_op import FactoredMatrix, _cache, _memory, composition_scores
 N_LAYERS, N_HEADS, D_MODEL, D_HEAD = 12, 12, 768, 64
 MODES = ("Q", "K", "V")
 GIB = 2**30
-#: Rounds per case: lowrank_op's take about a second each, TransformerLens's about 5 s.
-ROUNDS = {"cold": 5, "warm": 5, "tl": 3}
+#: Rounds per case: lowrank_op's take 0.4 to 1 s each, TransformerLens's about 5 s.
+ROUNDS = {"cold": 5, "warm": 5, "product": 3, "tl": 3}
 #: Largest relative error of a score allowed, against float64 and against TransformerLens, in
 #: float32 eps: each score is a ratio of three norms, each off by a few eps times
 #: ``|A| |B| / |A B|`` of its factors (about 1 for these heads) and by the rounding of the core's
@@ -77,10 +81,10 @@ def sliced(W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- The computations timed -----------------------------------------------------------------------
-def lowrank(mode: str, W: dict[str, torch.Tensor]):
+def lowrank(mode: str, W: dict[str, torch.Tensor], method: str = "auto"):
     left_A, left_B, right_A, right_B = factors(mode, W)
     left, right = FactoredMatrix(left_A, left_B), FactoredMatrix(right_A, right_B)
-    return lambda: composition_scores(left, right)
+    return lambda: composition_scores(left, right, method=method)
 
 
 def tl(mode: str, W: dict[str, torch.Tensor]):
@@ -92,6 +96,7 @@ CASES = {
     "tl": ("TransformerLens composition_scores", tl, "tl"),
     "cold": ("lowrank_op (bases cold)", lowrank, None),
     "warm": ("lowrank_op (bases cached)", lowrank, None),
+    "product": ("lowrank_op method='product' (bases cold)", functools.partial(lowrank, method="product"), None),
 }
 
 
@@ -155,7 +160,7 @@ def test_composition_scores(benchmark, mode, case):
     gc.collect()
     before = _memory.current_rss()
     reset = before is not None and _memory.reset_peak()
-    scores = benchmark.pedantic(fn, setup=_clear_bases if case == "cold" else None, rounds=ROUNDS[case],
+    scores = benchmark.pedantic(fn, setup=None if case == "warm" else _clear_bases, rounds=ROUNDS[case],
                                 iterations=1, warmup_rounds=0)
     if reset:
         benchmark.extra_info["peak_extra_GiB"] = (_memory.peak_rss() - before) / GIB

@@ -95,6 +95,17 @@ class gram_norm_max_rel_error(_PositiveReal):
     default = 1e-6
 
 
+# --- Norms of every pairwise product (lowrank_op.pairwise_norms) ----------------------------------
+class pairwise_gram_block(_PositiveInt):
+    """Edge of the Gram-matrix blocks :func:`lowrank_op.pairwise_norms.gram_pair_sq_norms` forms
+    for every matrix at once (``block x block`` each). The blocks on and above the diagonal cover
+    the fraction ``(1 + block / k) / 2`` of each ``k x k`` Gram matrix, so smaller blocks form less
+    of it, in smaller (slower per multiply-add) matrix products; 96 was fastest at GPT-2 small's shapes on 2 cores (bench/bench_composition.py).
+    Default 96."""
+
+    default = 96
+
+
 # --- Solves and determinants (lowrank_op.conditioning, lowrank_op.woodbury, lowrank_op.solves) ----
 class ill_conditioned_rcond(_PositiveReal):
     """A factorisation is reported ill-conditioned (:class:`~lowrank_op.errors.IllConditionedWarning`)

@@ -7,12 +7,18 @@ import itertools
 import pytest
 import torch
 from helpers import dense, make_factors, scale_of, tol
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowrank_op import FactoredMatrix, choices, composition_scores, shared_bases
 
 
 def dense_score(L: torch.Tensor, R: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(L @ R) / (torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(R)))
+
+
+#: Every method for pairing every left matrix with every right one (``broadcast_dims=True``).
+METHODS = ("auto", "gram", "product")
 
 
 def fm_of(a_shape, b_shape, dtype, seed):
@@ -30,12 +36,13 @@ PAIRS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pair", PAIRS.values(), ids=PAIRS.keys())
-def test_composition_scores_broadcast_dims(pair, dtype):
+def test_composition_scores_broadcast_dims(pair, dtype, method):
     left = fm_of(*pair[0], dtype, seed=1)
     right = fm_of(*pair[1], dtype, seed=2)
-    scores = composition_scores(left, right)
+    scores = composition_scores(left, right, method=method)
     L, R = dense(left.A, left.B), dense(right.A, right.B)
     lead_l, lead_r = L.shape[:-2], R.shape[:-2]
     assert scores.shape == (*lead_l, *lead_r)
@@ -81,8 +88,9 @@ def test_composition_scores_match_transformer_lens_formula():
     torch.testing.assert_close(scores, tl)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype, delta, rel", [(torch.float64, 1e-7, 1e-6), (torch.float32, 1e-3, 1e-3)])
-def test_composition_scores_small_scores_are_accurate(dtype, delta, rel):
+def test_composition_scores_small_scores_are_accurate(dtype, delta, rel, method):
     # left's rows nearly orthogonal to right's columns space: |L R| << |L| |R|.
     gen = torch.Generator().manual_seed(0)
     R_dense = torch.randn(8, 4, dtype=torch.float64, generator=gen)
@@ -93,12 +101,18 @@ def test_composition_scores_small_scores_are_accurate(dtype, delta, rel):
     right = FactoredMatrix(torch.eye(8, dtype=dtype), R_dense.to(dtype))
     expected = dense_score(dense(left.A, left.B), dense(right.A, right.B))
     assert expected < 10 * delta
-    assert float(composition_scores(left, right)) == pytest.approx(expected, rel=rel)
+    with choices.recorded() as log:
+        score = composition_scores(left, right, method=method)
+    assert float(score) == pytest.approx(expected, rel=rel)
+    if method == "gram":  # the Gram sum cancels here: its certificate fails and the pair is computed directly
+        assert ("composition_pairs", "direct") in {(c.operation, c.method) for c in log}
 
 
 # --- Every pair of heads: fm1 @ fm2 keeps the small core, the norm goes through shared bases ------
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps,
-       torch.complex64: torch.finfo(torch.float32).eps, torch.complex128: torch.finfo(torch.float64).eps}
+       torch.complex64: torch.finfo(torch.float32).eps, torch.complex128: torch.finfo(torch.float64).eps,
+       # 16-bit factors are decomposed in float32 from their exact values
+       torch.bfloat16: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float32).eps}
 
 
 def dense_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> torch.Tensor:
@@ -119,7 +133,7 @@ def score_bound(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: boo
     norm = torch.linalg.matrix_norm
     rho = [scale_of(fm.A, fm.B) / norm(dense(fm.A, fm.B)) for fm in (left, right)]
     if broadcast_dims:
-        rho[0] = rho[0].reshape(*rho[0].shape, *(1,) * rho[1].dim())
+        rho[0] = rho[0].reshape((*rho[0].shape, *(1,) * rho[1].dim()))
     return 8 * EPS[left.dtype] * rho[0] * rho[1]
 
 
@@ -141,16 +155,19 @@ HEAD_PAIRS = {
 }
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
 @pytest.mark.parametrize("pair", HEAD_PAIRS.values(), ids=HEAD_PAIRS.keys())
-def test_composition_scores_pairs_of_heads(pair, dtype):
+def test_composition_scores_pairs_of_heads(pair, dtype, method):
     (a1, b1), (a2, b2), rank = pair
     left = FactoredMatrix(*make_factors(a1, b1, dtype, rank=rank, seed=1))
     right = FactoredMatrix(*make_factors(a2, b2, dtype, rank=rank, seed=2))
     with choices.recorded() as log:
-        scores = composition_scores(left, right)
+        scores = composition_scores(left, right, method=method)
     assert_scores(scores, dense_scores(left, right), score_bound(left, right))
-    if len(a1) > 3:  # heads of both: the product's norm took the shared-basis path
+    chosen = {c.method for c in log if c.operation == "composition"}  # "auto" records its choice
+    assert len(chosen) == (1 if method == "auto" else 0)
+    if len(a1) > 3 and "gram" not in chosen | {method}:  # heads of both: the product's norm took the shared-basis path
         assert ("norm", "formed") in {(c.operation, c.method) for c in log}
 
 
@@ -163,8 +180,9 @@ def test_composition_scores_no_broadcast_dims_shared_right(dtype):
     assert_scores(scores, dense_scores(left, right, False), score_bound(left, right, False))
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_composition_scores_zero_head(side):
+def test_composition_scores_zero_head(side, method):
     # A head whose W_O (or W_Q) is zero: its scores are 0 / 0, NaN as in TransformerLens and the
     # dense definition; every other pair is unaffected.
     A1, B1 = make_factors((2, 3, 10, 4), (2, 3, 4, 9), torch.float32, seed=1)
@@ -176,26 +194,33 @@ def test_composition_scores_zero_head(side):
         A2 = A2.clone()
         A2[0] = 0
     left, right = FactoredMatrix(A1, B1), FactoredMatrix(A2, B2)
-    scores, expected = composition_scores(left, right), dense_scores(left, right)
+    scores, expected = composition_scores(left, right, method=method), dense_scores(left, right)
     zero = torch.isnan(expected)
     assert bool(zero.any()) and torch.equal(torch.isnan(scores), zero)
     bound = score_bound(left, right)
     assert bool(((scores.double() - expected).abs()[~zero] <= bound.expand_as(expected)[~zero]).all())
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("a_lead, b_lead", [((0, 2), (3,)), ((2,), (0, 3))])
-def test_composition_scores_empty_leading_dims(a_lead, b_lead):
+def test_composition_scores_empty_leading_dims(a_lead, b_lead, method):
     left = FactoredMatrix(*make_factors((*a_lead, 6, 3), (*a_lead, 3, 5), torch.float32, seed=1))
     right = FactoredMatrix(*make_factors((*b_lead, 5, 2), (*b_lead, 2, 6), torch.float32, seed=2))
-    scores = composition_scores(left, right)
+    scores = composition_scores(left, right, method=method)
     assert scores.shape == (*a_lead, *b_lead)
 
 
-def test_composition_scores_empty_inner_dim():
-    # mdim 0: every product is zero, every score 0 / 0 (NaN), as for the dense definition.
-    left = FactoredMatrix(torch.randn(2, 5, 0), torch.randn(2, 0, 6))
-    right = FactoredMatrix(*make_factors((3, 6, 2), (3, 2, 5), torch.float32))
-    scores = composition_scores(left, right)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("empty", ["mdim", "k"])
+def test_composition_scores_empty_inner_dim(empty, method):
+    # mdim 0 or k 0: every product is zero, every score 0 / 0 (NaN), as for the dense definition.
+    if empty == "mdim":
+        left = FactoredMatrix(torch.randn(2, 5, 0), torch.randn(2, 0, 6))
+        right = FactoredMatrix(*make_factors((3, 6, 2), (3, 2, 5), torch.float32))
+    else:
+        left = FactoredMatrix(torch.randn(2, 5, 3), torch.randn(2, 3, 0))
+        right = FactoredMatrix(torch.randn(3, 0, 2), torch.randn(3, 2, 5))
+    scores = composition_scores(left, right, method=method)
     assert scores.shape == (2, 3) and bool(torch.isnan(scores).all())
     assert bool(torch.isnan(dense_scores(left, right)).all())
 
@@ -224,3 +249,114 @@ def test_composition_scores_chunked(pair, monkeypatch):
     chunked = composition_scores(left, right)
     torch.testing.assert_close(chunked, whole, rtol=16 * EPS[torch.float64], atol=0)
     assert_scores(chunked, dense_scores(left, right), score_bound(left, right))
+
+
+# --- method="gram" and the "auto" rule --------------------------------------------------------
+def gpt2_like(n_heads: int = 16, d_model: int = 64, d_head: int = 32, dtype=torch.float32, seed: int = 0):
+    """``(OV, QK)`` of ``n_heads`` heads; at the default shapes "gram" needs fewer multiply-adds."""
+    gen = torch.Generator().manual_seed(seed)
+    W = [0.02 * torch.randn(n_heads, d_model, d_head, generator=gen, dtype=torch.float64) for _ in range(3)]
+    W_O = 0.02 * torch.randn(n_heads, d_head, d_model, generator=gen, dtype=torch.float64)
+    W_Q, W_K, W_V = (X.to(dtype) for X in W)
+    return FactoredMatrix(W_V, W_O.to(dtype)), FactoredMatrix(W_Q, W_K.mT)
+
+
+def outer_pair():
+    """An OuterFactoredMatrix (``OV @ W``, rdim 60) and heads that read its 60 columns."""
+    gen = torch.Generator().manual_seed(8)
+    OV = FactoredMatrix(torch.randn(6, 48, 8, generator=gen), torch.randn(6, 8, 48, generator=gen))
+    right = FactoredMatrix(torch.randn(6, 60, 8, generator=gen), torch.randn(6, 8, 60, generator=gen))
+    return OV @ torch.randn(48, 60, generator=gen), right
+
+
+def test_composition_scores_auto_rule():
+    OV, QK = gpt2_like()
+    with choices.recorded() as log:
+        composition_scores(OV, QK)
+    picked = [c for c in log if c.operation == "composition"]
+    assert [c.method for c in picked] == ["gram"] and "multiply-adds" in picked[0].reason
+    grad_OV = FactoredMatrix(OV.A.clone().requires_grad_(), OV.B)
+    cases = {
+        "a float64 result": (*gpt2_like(dtype=torch.float64), {}),
+        "broadcast_dims=False": (OV, QK, {"broadcast_dims": False}),
+        "a factor requires grad": (grad_OV, QK, {}),
+        "OuterFactoredMatrix": (*outer_pair(), {}),
+        "not fewer": (*gpt2_like(n_heads=1), {}),
+    }
+    for reason, (left, right, kwargs) in cases.items():
+        with choices.recorded() as log:
+            composition_scores(left, right, **kwargs)
+        picked = [c for c in log if c.operation == "composition"]
+        assert [c.method for c in picked] == ["product"] and reason in picked[0].reason, reason
+
+
+def test_composition_scores_gram_on_outer_factored():
+    # Explicit "gram" on an OuterFactoredMatrix forms its factors and gives the same scores.
+    left, right = outer_pair()
+    assert_scores(composition_scores(left, right, method="gram"), dense_scores(left, right), score_bound(left, right))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.bfloat16])
+def test_composition_scores_gram_equals_product(dtype):
+    OV, QK = gpt2_like(dtype=torch.float32)
+    OV = FactoredMatrix(OV.A.to(dtype), OV.B.to(dtype))
+    QK = FactoredMatrix(QK.A.to(dtype), QK.B.to(dtype))
+    gram, product = (composition_scores(OV, QK, method=m) for m in ("gram", "product"))
+    assert gram.dtype == product.dtype == torch.float32
+    assert_scores(gram, dense_scores(OV, QK), score_bound(OV, QK))
+    torch.testing.assert_close(gram, product, rtol=64 * EPS[torch.float32], atol=0)
+
+
+def test_composition_scores_gram_gradient():
+    # Through the Gram route (its bases held constant, exact to first order), against the dense
+    # float64 definition's gradient.
+    OV, QK = gpt2_like(n_heads=3, d_model=12, d_head=3, dtype=torch.float32)
+    leaves = [X.detach().clone().requires_grad_() for X in (OV.A, OV.B, QK.A, QK.B)]
+    weights = torch.randn(3, 3, generator=torch.Generator().manual_seed(7))
+    (composition_scores(FactoredMatrix(*leaves[:2]), FactoredMatrix(*leaves[2:]), method="gram") * weights).sum().backward()
+    dense_leaves = [X.detach().double().requires_grad_() for X in leaves]
+    L, R = dense_leaves[0] @ dense_leaves[1], dense_leaves[2] @ dense_leaves[3]
+    norm = torch.linalg.matrix_norm
+    dense = norm(L[:, None] @ R[None]) / (norm(L)[:, None] * norm(R)[None])
+    (dense * weights.double()).sum().backward()
+    for got, want in zip(leaves, dense_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4 * float(want.grad.abs().max()))
+
+
+def test_composition_scores_method_errors():
+    OV, QK = gpt2_like()
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        composition_scores(OV, QK, method="svd")
+    with pytest.raises(ValueError, match="broadcast_dims=True"):
+        composition_scores(OV, QK, broadcast_dims=False, method="gram")
+
+
+@st.composite
+def score_pairs(draw):
+    """``(left A, left B), (right A, right B)`` shapes sharing ``k``, 0..2 leading dims per side
+    (sizes 0..3, so empty batches too; each factor may hold a dim as 1), and a rank for the A
+    factors or None. Any of ``ldim``, ``m1``, ``m2``, ``rdim`` may exceed ``k`` or be 1."""
+    k = draw(st.integers(1, 7))
+    ldim, m1, m2, rdim = (draw(st.integers(1, 7)) for _ in range(4))
+
+    def leading():
+        batch = draw(st.lists(st.integers(0, 3), max_size=2))
+        return [draw(st.sampled_from([b, 1])) for b in batch], [draw(st.sampled_from([b, 1])) for b in batch]
+
+    (la, lb), (ra, rb) = leading(), leading()
+    rank = draw(st.sampled_from([None, 1]))
+    return ((*la, ldim, m1), (*lb, m1, k)), ((*ra, k, m2), (*rb, m2, rdim)), rank, draw(st.integers(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.bfloat16])
+@given(spec=score_pairs(), method=st.sampled_from(METHODS))
+def test_composition_scores_hypothesis(dtype, spec, method):
+    (a1, b1), (a2, b2), rank, seed = spec
+    left = FactoredMatrix(*make_factors(a1, b1, dtype, rank=rank, seed=seed))
+    right = FactoredMatrix(*make_factors(a2, b2, dtype, rank=rank, seed=seed + 1))
+    scores, expected = composition_scores(left, right, method=method), dense_scores(left, right)
+    assert scores.shape == expected.shape and scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    undefined = torch.isnan(expected)  # 0 / 0 where a side's product is zero
+    assert torch.equal(torch.isnan(scores), undefined)
+    bound = score_bound(left, right).expand_as(expected)
+    assert bool(((scores.double() - expected).abs()[~undefined] <= bound[~undefined]).all())
