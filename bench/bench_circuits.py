@@ -43,7 +43,9 @@ import pytest
 import torch
 
 from bench import baselines
-from lowrank_op import FactoredMatrix, _cache, _memory, checkpoints, circuits, kernels
+from lowrank_op import FactoredMatrix, _cache, kernels
+from lowrank_op.circuits import analysis as circuits
+from lowrank_op.circuits import checkpoints, memory as _memory
 
 N_LAYERS, N_HEADS, D_VOCAB, D_HEAD = 12, 12, 50257, 64
 GROUP = "gpt2_small_ov_circuits_144_heads"

@@ -44,7 +44,8 @@ import pytest
 import torch
 
 from bench import baselines
-from lowrank_op import FactoredMatrix, _cache, _memory, composition_scores
+from lowrank_op import FactoredMatrix, _cache, composition_scores
+from lowrank_op.circuits import memory as _memory
 
 N_LAYERS, N_HEADS, D_MODEL, D_HEAD = 12, 12, 768, 64
 MODES = ("Q", "K", "V")

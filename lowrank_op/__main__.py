@@ -1,7 +1,7 @@
-"""``python -m lowrank_op COMMAND ...``: see :mod:`lowrank_op.cli`."""
+"""``python -m lowrank_op COMMAND ...``: see :mod:`lowrank_op.circuits.cli`."""
 
 import sys
 
-from lowrank_op.cli import main
+from lowrank_op.circuits.cli import main
 
 sys.exit(main())

@@ -38,7 +38,7 @@ norm, a core factor shared         one QR of that factor (cached), then ``O(p m^
 =================================  ==========================================================
 
 A loop over many inner pairs with the same outer factors (every head of every layer:
-:func:`lowrank_op.circuits.analyze`) takes the reductions once with :func:`reduce_outer`, whose
+:func:`lowrank_op.circuits.analysis.analyze`) takes the reductions once with :func:`reduce_outer`, whose
 :class:`OuterReduction` forms the cores ``(R_L A, B R_R^H)`` and cycles without looking anything up
 again (each lookup fingerprints the factor: about 15 ms for a 50257 x 768 float32 one).
 

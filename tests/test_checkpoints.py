@@ -1,4 +1,4 @@
-"""lowrank_op.checkpoints: reading GPT-2 and BERT layouts, the number of heads, the random model, errors."""
+"""lowrank_op.circuits.checkpoints: reading GPT-2 and BERT layouts, the number of heads, the random model, errors."""
 
 import json
 import sys
@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from lowrank_op import checkpoints
-from lowrank_op.checkpoints import (
+from lowrank_op.circuits import checkpoints
+from lowrank_op.circuits.checkpoints import (
     AttentionWeights,
     CheckpointError,
     load_safetensors,

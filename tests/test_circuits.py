@@ -21,9 +21,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lowrank_op import FactoredMatrix, circuit_report, cli
-from lowrank_op.checkpoints import load_safetensors, random_weights
-from lowrank_op.circuits import analyze, effective_rank, eigenvalue_positivity, ov_circuit, qk_circuit
+from lowrank_op import FactoredMatrix
+from lowrank_op.circuits import cli
+from lowrank_op.circuits import report as circuit_report
+from lowrank_op.circuits.checkpoints import load_safetensors, random_weights
+from lowrank_op.circuits.analysis import analyze, effective_rank, eigenvalue_positivity, ov_circuit, qk_circuit
 from tiny_checkpoints import SHAPE, tiny_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -266,7 +268,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(cli.checkpoints, "load_safetensors", refuse)
     monkeypatch.setattr(cli.checkpoints, "random_weights", refuse)
-    monkeypatch.setattr(cli.circuits, "analyze", refuse)
+    monkeypatch.setattr(cli.analysis, "analyze", refuse)
 
 
 def _out_dirs(tmp_path: Path) -> dict:
@@ -327,8 +329,8 @@ def test_zero_circuits_give_null_scores_in_json_and_empty_cells_in_csv(tmp_path)
 
 
 def test_top_copying_heads_orders_scores_and_puts_undefined_ones_last():
-    from lowrank_op.circuit_report import top_copying_heads
-    from lowrank_op.circuits import CircuitMetrics, CircuitReport
+    from lowrank_op.circuits.report import top_copying_heads
+    from lowrank_op.circuits.analysis import CircuitMetrics, CircuitReport
 
     scores = torch.tensor([[0.2, float("nan")], [0.9, -0.5]])
     metrics = CircuitMetrics(torch.ones(2, 2), torch.ones(2, 2, 3), torch.ones(2, 2), scores)
@@ -360,7 +362,7 @@ def test_norm_is_taken_from_the_singular_values_without_another_factorisation(ch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_norm_from_singular_values_is_scaled_against_overflow(dtype):
-    from lowrank_op.circuits import frobenius_norm_from_singular_values as norm_of
+    from lowrank_op.circuits.analysis import frobenius_norm_from_singular_values as norm_of
 
     big = torch.finfo(dtype).max / 4
     S = torch.tensor([[big, big, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 0.0]], dtype=dtype)
@@ -472,7 +474,7 @@ def test_shared_bases_analysis_matches_dense_float64(tied, dtype):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_shared_bases_analysis_equals_the_formed_path(tied):
     """analyze against circuit_metrics on the formed factors (W_E W_V, W_O W_U), both in float32."""
-    from lowrank_op.circuits import circuit_metrics
+    from lowrank_op.circuits.analysis import circuit_metrics
 
     w = _random_model(tied)
     report = analyze(w)
@@ -493,7 +495,7 @@ def test_shared_bases_analysis_equals_the_formed_path(tied):
 
 
 def test_circuit_metrics_of_the_lazy_circuits_use_the_bases_and_match_analyze(monkeypatch):
-    from lowrank_op.circuits import circuit_metrics
+    from lowrank_op.circuits.analysis import circuit_metrics
     from lowrank_op.outer_factored import OuterFactoredMatrix
 
     w = _random_model(tied=False, dtype=torch.float64)
@@ -551,7 +553,7 @@ class _TensorsSeen(TorchDispatchMode):
 def test_analysis_never_allocates_a_vocab_by_head_tensor(tied, batch, monkeypatch):
     """Nothing (n_heads, d_vocab, d_head)-like: no tensor has both a d_vocab-sized and a d_head-sized
     dim, and no allocation is larger than W_E (the QR's workspace)."""
-    from lowrank_op import circuits
+    from lowrank_op.circuits import analysis as circuits
 
     if batch == "one-layer":
         monkeypatch.setattr(circuits, "BATCH_MIN_ELEMENTS", 0)
@@ -577,7 +579,7 @@ def test_overflowing_closing_product_is_named():
 
 
 def test_layer_batches_give_the_numbers_of_one_layer_at_a_time(monkeypatch):
-    from lowrank_op import circuits
+    from lowrank_op.circuits import analysis as circuits
 
     w = _random_model(tied=False)
     assert len(circuits._layer_batches(w)) == 1  # a small model goes in one batch

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_op import circuit_report, cli
+from lowrank_op.circuits import cli
+from lowrank_op.circuits import report as circuit_report
 from tiny_checkpoints import SHAPE, WRITERS, canonical_weights, join_safetensors, split_safetensors, write_checkpoint
 
 BASE = ["circuits", "--no-progress", "--no-plots"]
@@ -160,7 +161,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, capsys, out_dir, monke
 
 
 def test_an_unreadable_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
-    from lowrank_op import checkpoints
+    from lowrank_op.circuits import checkpoints
 
     path = write_checkpoint(tmp_path / "ckpt", _gpt2_tensors(), {"n_head": 2})
 
@@ -242,7 +243,7 @@ def test_memory_line_on_a_tiny_model_gives_no_ratio(tmp_path, capsys):
 
 
 def test_memory_line_gives_the_ratios_it_can():
-    from lowrank_op.checkpoints import random_weights
+    from lowrank_op.circuits.checkpoints import random_weights
 
     weights = random_weights(n_layers=1, n_heads=2, d_model=8, d_vocab=20)
     line = cli._memory_line(3 * 2**30, True, weights)
@@ -284,8 +285,8 @@ def _spectra_axes(figure):
 def test_spectra_plots_use_one_stated_scale_and_distinct_lines(tmp_path, saved_figures, zero):
     import dataclasses
 
-    from lowrank_op.checkpoints import random_weights
-    from lowrank_op.circuits import analyze
+    from lowrank_op.circuits.checkpoints import random_weights
+    from lowrank_op.circuits.analysis import analyze
 
     n_layers, n_heads = (1, 2) if zero else (2, 12)
     weights = random_weights(n_layers=n_layers, n_heads=n_heads, d_model=2 * n_heads, d_vocab=30)
@@ -302,3 +303,15 @@ def test_spectra_plots_use_one_stated_scale_and_distinct_lines(tmp_path, saved_f
         assert len(looks) == n_heads
         legend = saved_figures[name].legends[0]
         assert [t.get_text() for t in legend.get_texts()] == [f"head {h}" for h in range(n_heads)]
+
+
+def test_the_library_never_imports_the_application():
+    # lowrank_op.circuits (the command, its readers and their optional extras) is imported only
+    # by whoever asks for it: `import lowrank_op` and every library module leave it out.
+    import subprocess
+    import sys
+
+    code = ("import sys, lowrank_op, lowrank_op.scipy_bridge, lowrank_op.gpytorch_kernels, lowrank_op.solves; "
+            "print(sorted(m for m in sys.modules if m.startswith('lowrank_op.circuits')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -25,13 +25,13 @@ import textwrap
 import pytest
 
 #: What both measuring scripts start with: one thread, and ``peak_bytes()``, the peak resident set
-#: (``VmHWM``), which ``lowrank_op._memory.reset_peak`` (``/proc/self/clear_refs``) resets.
+#: (``VmHWM``), which ``lowrank_op.circuits.memory.reset_peak`` (``/proc/self/clear_refs``) resets.
 _PRELUDE = textwrap.dedent(
     """
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from lowrank_op._memory import reset_peak
+    from lowrank_op.circuits.memory import reset_peak
 
     def peak_bytes():
         with open("/proc/self/status") as f:

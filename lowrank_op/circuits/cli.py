@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_op import _memory, checkpoints, circuit_report, circuits
+from lowrank_op.circuits import analysis, checkpoints, memory, report
 from lowrank_op.errors import NonFiniteResultError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "wte.weight, optional prefix such as transformer.) or BERT layout "
                         "(encoder.layer.{i}.attention.self.query.weight, ..., optional prefix such as bert.)")
     c.add_argument("--out", type=Path, default=Path("circuits_out"), metavar="DIR",
-                   help=f"directory for {circuit_report.CSV_NAME}, {circuit_report.JSON_NAME} and the PNG plots "
+                   help=f"directory for {report.CSV_NAME}, {report.JSON_NAME} and the PNG plots "
                         "(created if missing, only once everything has been computed and written beside it; "
                         "default: %(default)s)")
     c.add_argument("--n-heads", type=_positive_int, metavar="N",
@@ -312,8 +312,8 @@ def _circuits(args, parser, start: float) -> int:
         parser.error(f"`--top-k` {args.top_k} exceeds the circuits' rank bound min(d_head, d_vocab) = "
                      f"{rank_bound}; pass --top-k {rank_bound} or less.")
     loaded = time.perf_counter()
-    peak_load, rss_loaded = _memory.peak_rss(), _memory.current_rss()
-    peak_reset = rss_loaded is not None and _memory.reset_peak()
+    peak_load, rss_loaded = memory.peak_rss(), memory.current_rss()
+    peak_reset = rss_loaded is not None and memory.reset_peak()
     print(f"model: {weights.source}", file=sys.stderr)
     print(f"  {checkpoints.LAYOUT_NAMES[weights.layout]} layout, {weights.n_layers} layers x {weights.n_heads} "
           f"heads (from {weights.n_heads_source}), d_model {weights.d_model}, d_head {weights.d_head}, "
@@ -323,18 +323,18 @@ def _circuits(args, parser, start: float) -> int:
     progress = _Progress(weights.n_layers, enabled=not args.no_progress)
     where = f"{weights.source}: " if weights.layout != "random" else ""
     try:
-        report = circuits.analyze(weights, on_layer=progress)
+        measured = analysis.analyze(weights, on_layer=progress)
     except (ValueError, NonFiniteResultError) as err:
         raise _CommandFailure(f"{where}{err}") from None
     finally:
         progress.close()
     analysed = time.perf_counter()
-    peak_analysis = _memory.peak_rss()
+    peak_analysis = memory.peak_rss()
 
     itemsize = weights.W_E.element_size()
     layer_factor_bytes = 2 * weights.n_heads * weights.d_vocab * weights.d_head * itemsize
     increase = None if rss_loaded is None else max(0, peak_analysis - rss_loaded)
-    memory = {
+    memory_figures = {
         "peak_rss_bytes": max(peak_load, peak_analysis),
         "rss_after_loading_bytes": rss_loaded,
         "analysis_peak_increase_bytes": increase,
@@ -350,19 +350,19 @@ def _circuits(args, parser, start: float) -> int:
     staging = None
     try:
         staging = _staging_dir(args.out)
-        circuit_report.write_csv(staging / circuit_report.CSV_NAME, report, args.top_k)
-        table = circuit_report.format_table(report, args.top_k)
+        report.write_csv(staging / report.CSV_NAME, measured, args.top_k)
+        table = report.format_table(measured, args.top_k)
         reported = time.perf_counter()
         plotted, plots_written = reported, True
         if not args.no_plots:
-            plots_written = bool(circuit_report.write_plots(staging, report, weights))
+            plots_written = bool(report.write_plots(staging, measured, weights))
             plotted = time.perf_counter()
         timing = {"load_s": loaded - start, "analysis_s": analysed - loaded, "table_and_csv_s": reported - analysed,
                   "plots_s": plotted - reported}
         timing["other_s"] = time.perf_counter() - start - sum(timing.values())
         timing["total_s"] = sum(timing.values())
-        circuit_report.write_json(staging / circuit_report.JSON_NAME, report, weights, args.top_k,
-                                  {"settings": settings, "timing_s": timing, "memory": memory,
+        report.write_json(staging / report.JSON_NAME, measured, weights, args.top_k,
+                                  {"settings": settings, "timing_s": timing, "memory": memory_figures,
                                    "timing_note": "seconds, up to writing this file; the parts add up to total_s"})
         written = _move_into_place(staging, args.out)
         staging = None
@@ -374,13 +374,13 @@ def _circuits(args, parser, start: float) -> int:
             shutil.rmtree(staging, ignore_errors=True)
 
     print(table)
-    best = ", ".join(f"L{layer}H{head} {score:+.3f}" for layer, head, score in circuit_report.top_copying_heads(report))
+    best = ", ".join(f"L{layer}H{head} {score:+.3f}" for layer, head, score in report.top_copying_heads(measured))
     print(f"highest OV copying scores: {best}")
     if not plots_written:
         print('matplotlib is not installed: no plots written. Install it with `pip install matplotlib` '
               '(or `pip install "lowrank_op[plots]"`), or pass --no-plots.', file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in written)}")
-    peak_total = max(peak_load, _memory.peak_rss())
+    peak_total = max(peak_load, memory.peak_rss())
     parts = [("loading", timing["load_s"]), ("circuits", timing["analysis_s"]),
              ("table and CSV", timing["table_and_csv_s"]), ("plots", timing["plots_s"])]
     print(f"wall time {_split_time(parts, time.perf_counter() - start)} (other: JSON, moving the files into "

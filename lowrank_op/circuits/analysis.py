@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
-from lowrank_op.checkpoints import AttentionWeights
+from lowrank_op.circuits.checkpoints import AttentionWeights
 from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.outer_factored import OuterFactoredMatrix

@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from lowrank_op.checkpoints import LAYOUT_NAMES, AttentionWeights
-from lowrank_op.circuits import CircuitReport
+from lowrank_op.circuits.checkpoints import LAYOUT_NAMES, AttentionWeights
+from lowrank_op.circuits.analysis import CircuitReport
 
 CSV_NAME = "circuits.csv"
 JSON_NAME = "circuits.json"
