@@ -217,7 +217,7 @@ def _layer0_float64_error(weights: checkpoints.AttentionWeights, report: circuit
     """Relative error of layer 0's singular values and norms against a float64 analysis of the same
     (widened) weights, through the same shared bases in float64."""
     W_E = weights.W_E.double()
-    one = dataclasses.replace(weights, W_E=W_E, W_U=W_E.mT if weights.tied else weights.W_U.double(),
+    one = weights.replace(W_E=W_E, W_U=W_E.mT if weights.tied else weights.W_U.double(),
                               **{k: getattr(weights, k)[:1].double() for k in ("W_Q", "W_K", "W_V", "W_O")})
     ref = circuits.analyze(one)
     first = circuits.CircuitReport(*(circuits.CircuitMetrics(*(getattr(getattr(report, c), f)[:1] for f in

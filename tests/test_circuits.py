@@ -315,7 +315,7 @@ def test_zero_circuits_give_null_scores_in_json_and_empty_cells_in_csv(tmp_path)
     w = random_weights(n_layers=1, n_heads=2, d_model=8, d_vocab=20)
     W_V = w.W_V.clone()
     W_V[0, 1] = 0.0  # head 1's OV circuit is the zero matrix
-    weights = dataclasses.replace(w, W_V=W_V)
+    weights = w.replace(W_V=W_V)
     report = analyze(weights)
     assert float(report.ov.norm[0, 1]) == 0.0 and float(report.ov.effective_rank[0, 1]) == 0.0
     circuit_report.write_json(tmp_path / "c.json", report, weights, 2, {})
@@ -378,9 +378,9 @@ def test_analyze_names_non_finite_weights():
     W_V = w.W_V.clone()
     W_V[1, 0, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"`W_V` \(W_V\[1\]\) holds NaN or infinity in layer 1"):
-        analyze(dataclasses.replace(w, W_V=W_V))
+        analyze(w.replace(W_V=W_V))
     with pytest.raises(ValueError, match=r"`W_E` \(W_E\) holds NaN or infinity; the circuits"):
-        analyze(dataclasses.replace(w, W_E=torch.full_like(w.W_E, float("inf")), W_U=w.W_U))
+        analyze(w.replace(W_E=torch.full_like(w.W_E, float("inf")), W_U=w.W_U))
 
 
 def _scaled_checkpoint(directory, embed_scale, attn_scale=1.0):
@@ -429,12 +429,12 @@ def _random_model(tied: bool, dtype=torch.float32, seed=0):
         return w
     gen = torch.Generator().manual_seed(seed + 1)
     W_U = (torch.randn(w.d_model, w.d_vocab, generator=gen, dtype=torch.float64) * 0.02).to(dtype)
-    return dataclasses.replace(w, W_U=W_U, tied=False)
+    return w.replace(W_U=W_U, tied=False)
 
 
 def _as_float64(w):
     W_E = w.W_E.double()
-    return dataclasses.replace(w, W_E=W_E, W_Q=w.W_Q.double(), W_K=w.W_K.double(), W_V=w.W_V.double(),
+    return w.replace(W_E=W_E, W_Q=w.W_Q.double(), W_K=w.W_K.double(), W_V=w.W_V.double(),
                                W_O=w.W_O.double(), W_U=W_E.T if w.tied else w.W_U.double())
 
 
@@ -572,7 +572,7 @@ def test_overflowing_closing_product_is_named():
     from lowrank_op.errors import NonFiniteResultError
 
     w = _random_model(tied=False)
-    big = dataclasses.replace(w, W_E=w.W_E * 1e21, W_U=w.W_U * 1e21)  # W_U W_E is about 1e39
+    big = w.replace(W_E=w.W_E * 1e21, W_U=w.W_U * 1e21)  # W_U W_E is about 1e39
     with pytest.raises(NonFiniteResultError, match=r"the OV circuits W_E W_V W_O W_U \(from `W_E`, `W_U`\): "
                                                     r"the product W_U W_E overflowed float32"):
         analyze(big)
@@ -607,4 +607,4 @@ def test_overflow_in_one_layer_of_a_batch_names_that_layer():
     W_O[1] *= 1e37
     with pytest.raises(NonFiniteResultError, match=r"^layer 1's OV circuits W_E W_V W_O W_U \(from `W_E`, `W_V\[1\]`, "
                                                     r"`W_O\[1\]`, `W_U`\): the "):
-        analyze(dataclasses.replace(w, W_V=W_V, W_O=W_O))
+        analyze(w.replace(W_V=W_V, W_O=W_O))

@@ -161,14 +161,14 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, capsys, out_dir, monke
 
 
 def test_an_unreadable_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
-    from lowrank_op.circuits import checkpoints
+    from lowrank_op.circuits import safetensors_format
 
     path = write_checkpoint(tmp_path / "ckpt", _gpt2_tensors(), {"n_head": 2})
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoints, "read_safetensors_header", denied)
+    monkeypatch.setattr(safetensors_format, "read_safetensors_header", denied)
     code, _, err = _run(BASE + ["--weights", str(path), "--out", str(tmp_path / "out")], capsys)
     assert code == 1 and not (tmp_path / "out").exists()
     assert _error_line(err).endswith(f"error: {path}: cannot be read (Permission denied).")
@@ -291,7 +291,7 @@ def test_spectra_plots_use_one_stated_scale_and_distinct_lines(tmp_path, saved_f
     n_layers, n_heads = (1, 2) if zero else (2, 12)
     weights = random_weights(n_layers=n_layers, n_heads=n_heads, d_model=2 * n_heads, d_vocab=30)
     if zero:
-        weights = dataclasses.replace(weights, W_E=torch.zeros_like(weights.W_E), W_U=torch.zeros(2 * n_heads, 30))
+        weights = weights.replace(W_E=torch.zeros_like(weights.W_E), W_U=torch.zeros(2 * n_heads, 30))
     circuit_report.write_plots(tmp_path, analyze(weights), weights)
     for name in circuit_report.SPECTRA_NAMES.values():
         axes = _spectra_axes(saved_figures[name])

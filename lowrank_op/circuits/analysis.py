@@ -26,15 +26,26 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
-from lowrank_op.circuits.checkpoints import AttentionWeights
+from lowrank_op.circuits.weights import AttentionWeights, LayerWeights, grouped
 from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.outer_factored import OuterFactoredMatrix
 
 
 # --- Building the circuits ------------------------------------------------------------------------
-def _at(W: Tensor, layer: int | None) -> Tensor:
-    return W if layer is None else W[layer]
+def _layers(weights: AttentionWeights, layer: int | None) -> LayerWeights:
+    return weights.read(0, weights.n_layers) if layer is None else weights.read(layer, layer + 1)
+
+
+def _inner_factors(weights: AttentionWeights, name: str, layer: int | None) -> tuple[Tensor, Tensor]:
+    """The inner factors of ``name``'s circuits: one layer's (leading dim dropped) or all layers';
+    with GQA grouped by key/value head (:func:`lowrank_op.circuits.weights.grouped`)."""
+    part = _layers(weights, layer)
+    if weights.group == 1:
+        A, B = (part.W_V, part.W_O) if name == "ov" else (part.W_Q, part.W_K.mT)
+    else:
+        A, B = grouped(part, weights.group)[name]
+    return (A[0], B[0]) if layer is not None else (A, B)
 
 
 def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFactoredMatrix:
@@ -44,14 +55,16 @@ def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFact
     ----------
     weights : AttentionWeights
     layer : int, optional
-        One layer; all layers when None.
+        One layer; all layers when None (which reads every layer of a checkpoint).
 
     Returns
     -------
     OuterFactoredMatrix, shape (n_heads, d_vocab, d_vocab), or (n_layers, n_heads, d_vocab, d_vocab)
         Inner factors ``W_V`` (..., d_model, d_head) and ``W_O`` (..., d_head, d_model) between the
         outer factors ``W_E`` and ``W_U``; ``.A`` (``W_E W_V``) and ``.B`` (``W_O W_U``) are formed
-        only when read.
+        only when read. With GQA (``n_kv_heads < n_heads``) the leading dims are ``(n_kv_heads,
+        group)`` in place of ``n_heads`` (query head ``kv * group + g`` at ``[kv, g]``), ``W_V``
+        broadcast over its group rather than copied.
 
     Notes
     -----
@@ -61,17 +74,18 @@ def ov_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFact
     :func:`circuit_metrics` and :func:`analyze` never read them.
     """
     # The same object as ``W_E @ FactoredMatrix(W_V, W_O) @ W_U``, built in one step.
-    return OuterFactoredMatrix(_at(weights.W_V, layer), _at(weights.W_O, layer), left=weights.W_E, right=weights.W_U)
+    return OuterFactoredMatrix(*_inner_factors(weights, "ov", layer), left=weights.W_E, right=weights.W_U)
 
 
 def qk_circuit(weights: AttentionWeights, layer: int | None = None) -> OuterFactoredMatrix:
     """The QK circuits ``W_E W_Q W_K^T W_E^T`` of every head, as one OuterFactoredMatrix (a FactoredMatrix).
 
     Rows are query tokens, columns key tokens; inner factors ``W_Q`` and ``W_K^T`` between the
-    outer factors ``W_E`` and ``W_E^T``. Shapes and costs as :func:`ov_circuit`.
+    outer factors ``W_E`` and ``W_E^T``. Shapes and costs as :func:`ov_circuit`. For a rotary model
+    (Llama, GPT-NeoX) this is the position-free circuit, without the rotation that depends on the
+    distance between query and key, as TransformerLens computes it.
     """
-    W_K = _at(weights.W_K, layer)
-    return OuterFactoredMatrix(_at(weights.W_Q, layer), W_K.mT, left=weights.W_E, right=weights.W_E.mT)
+    return OuterFactoredMatrix(*_inner_factors(weights, "qk", layer), left=weights.W_E, right=weights.W_E.mT)
 
 
 # --- Measurements (pure functions) ----------------------------------------------------------------
@@ -305,32 +319,34 @@ def _all_finite(W: Tensor) -> bool:
     return all(bool(torch.isfinite(part).all()) for part in W.split(rows))
 
 
-def require_finite_weights(weights: AttentionWeights) -> None:
-    """ValueError naming the first weight (and layer) that holds NaN or infinity.
+def require_finite_weights(weights: AttentionWeights, part: LayerWeights | None = None, start: int = 0) -> None:
+    """ValueError naming the first weight (and layer) that holds NaN or infinity: ``W_E`` and ``W_U``
+    (``part`` None), or a batch of layers read from ``weights`` starting at layer ``start``.
 
-    Cost: one read of the weights (``W_U`` is skipped when it is a view of ``W_E^T``); extra
-    memory a few ``FINITE_CHECK_CHUNK``-sized temporaries.
+    Cost: one read of the weights checked (``W_U`` is skipped when it is a view of ``W_E^T``);
+    extra memory a few ``FINITE_CHECK_CHUNK``-sized temporaries.
     """
-    for symbol in ("W_E", "W_Q", "W_K", "W_V", "W_O", "W_U"):
-        W = getattr(weights, symbol)
-        if symbol == "W_U" and shared_bases._same_view(W.mH, weights.W_E):
-            continue  # the same memory as W_E, checked above
-        layers = range(W.shape[0]) if W.ndim == 4 else [None]
-        for layer in layers:
-            if not _all_finite(W if layer is None else W[layer]):
-                raise ValueError(
-                    f"`{symbol}` ({_tensor_name(weights, symbol, layer)}) holds NaN or infinity"
-                    + (f" in layer {layer}" if layer is not None else "")
-                    + "; the circuits of such weights are undefined."
-                )
+    if part is None:
+        checks = [("W_E", weights.W_E, None)]
+        if not shared_bases._same_view(weights.W_U.mH, weights.W_E):  # else the same memory as W_E
+            checks.append(("W_U", weights.W_U, None))
+    else:
+        checks = [(symbol, W[j], start + j) for symbol, W in zip(("W_Q", "W_K", "W_V", "W_O"), part)
+                  for j in range(W.shape[0])]
+    for symbol, W, layer in checks:
+        if not _all_finite(W):
+            raise ValueError(
+                f"`{symbol}` ({_tensor_name(weights, symbol, layer)}) holds NaN or infinity"
+                + (f" in layer {layer}" if layer is not None else "")
+                + "; the circuits of such weights are undefined."
+            )
 
 
-def _inner(weights: AttentionWeights, name: str, layers: int | slice) -> tuple[Tensor, Tensor]:
-    """The inner factors of one layer's circuits (or a slice of layers'): ``(W_V, W_O)`` for OV,
-    ``(W_Q, W_K^T)`` for QK."""
-    if name == "ov":
-        return weights.W_V[layers], weights.W_O[layers]
-    return weights.W_Q[layers], weights.W_K[layers].mT
+def _batch_factors(part: LayerWeights, name: str, group: int, layer: int | None = None) -> tuple[Tensor, Tensor]:
+    """The inner factors of a batch's circuits, grouped by key/value head (leading dims (n, n_kv,
+    group)), or of one layer of the batch (``layer``, its index within the batch; leading (1, ...))."""
+    A, B = grouped(part, group)[name]
+    return (A, B) if layer is None else (A[layer:layer + 1], B[layer:layer + 1])
 
 
 def _outer(weights: AttentionWeights, name: str) -> tuple[Tensor, Tensor]:
@@ -369,21 +385,30 @@ def _concat(parts: list[CircuitMetrics]) -> CircuitMetrics:
     return CircuitMetrics(*(torch.cat([getattr(p, f) for p in parts]) for f in CircuitMetrics.__dataclass_fields__))
 
 
+def _heads(metrics: CircuitMetrics) -> CircuitMetrics:
+    """Metrics of leading shape (n, n_kv, group) as (n, n_heads): query head ``kv * group + g``."""
+    def flat(t: Tensor) -> Tensor:
+        n, n_kv, group = t.shape[:3]
+        return t.reshape(n, n_kv * group, *t.shape[3:])
+    return CircuitMetrics(*(flat(getattr(metrics, f)) for f in CircuitMetrics.__dataclass_fields__))
+
+
 def _measure_layers(weights: AttentionWeights, name: str, reduction: shared_bases.OuterReduction,
-                    layers: slice) -> CircuitMetrics:
-    """One circuit's metrics for a batch of layers, leading shape (layers, n_heads). Should anything
-    come out non-finite, the batch is measured again layer by layer, so that the error names the
-    first layer at fault (and a failure of the batched decomposition alone costs only the redo)."""
+                    layers: slice, part: LayerWeights) -> CircuitMetrics:
+    """One circuit's metrics for a batch of layers (``part``, read from ``layers``), leading shape
+    (layers, n_heads). Should anything come out non-finite, the batch is measured again layer by
+    layer, so that the error names the first layer at fault (and a failure of the batched
+    decomposition alone costs only the redo)."""
     title, factor_names, _ = CIRCUIT_PARTS[name]
     try:
-        return _measure_reduced(reduction, *_inner(weights, name, layers), title, factor_names)
+        return _heads(_measure_reduced(reduction, *_batch_factors(part, name, weights.group), title, factor_names))
     except NonFiniteResultError:
         pass
     parts = []
-    for layer in range(layers.start, layers.stop):
+    for j, layer in enumerate(range(layers.start, layers.stop)):
         what = f"layer {layer}'s {title} (from {_sources(weights, name, layer)})"
-        one = _measure_reduced(reduction, *_inner(weights, name, layer), what, factor_names)
-        parts.append(CircuitMetrics.stack([one]))
+        parts.append(_heads(_measure_reduced(reduction, *_batch_factors(part, name, weights.group, j), what,
+                                             factor_names)))
     return _concat(parts)
 
 
@@ -444,8 +469,10 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
                                    ("W_E", U_name))
     results: dict[str, list[CircuitMetrics]] = {"ov": [], "qk": []}
     for layers in _layer_batches(weights):
+        part = weights.read(layers.start, layers.stop)
+        require_finite_weights(weights, part, layers.start)
         for name, reduction in reductions.items():
-            results[name].append(_measure_layers(weights, name, reduction, layers))
+            results[name].append(_measure_layers(weights, name, reduction, layers, part))
         if on_layer is not None:
             for layer in range(layers.start, layers.stop):
                 on_layer(layer)

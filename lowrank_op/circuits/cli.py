@@ -326,6 +326,8 @@ def _circuits(args, parser, start: float) -> int:
         measured = analysis.analyze(weights, on_layer=progress)
     except (ValueError, NonFiniteResultError) as err:
         raise _CommandFailure(f"{where}{err}") from None
+    except OSError as err:  # the attention weights are read from the file as the analysis goes
+        raise _CommandFailure(f"{where}cannot be read ({err.strerror or err}).") from None
     finally:
         progress.close()
     analysed = time.perf_counter()
