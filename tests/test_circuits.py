@@ -26,7 +26,7 @@ from lowrank_op.circuits import cli
 from lowrank_op.circuits import report as circuit_report
 from lowrank_op.circuits.checkpoints import load_safetensors, random_weights
 from lowrank_op.circuits.analysis import analyze, effective_rank, eigenvalue_positivity, ov_circuit, qk_circuit
-from tiny_checkpoints import SHAPE, tiny_checkpoint
+from tiny_checkpoints import SHAPE, dense_reference, tiny_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: (rtol, atol) per computation dtype; atol is relative to the largest norm for norms and singular
@@ -35,30 +35,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14)}
 LAYOUTS = [("gpt2", "transformer.", False), ("gpt2", "", True), ("bert", "", False), ("bert", "bert.", True)]
 LAYOUT_IDS = ["gpt2-tied", "gpt2-untied", "bert-tied", "bert-untied"]
-
-
-def dense_reference(w: dict) -> dict:
-    """Per circuit: norm (L, H), all singular values (L, H, d_vocab), effective rank, eigenvalue positivity."""
-    L, H = w["W_Q"].shape[:2]
-    out = {}
-    for name in ("ov", "qk"):
-        norms, spectra, ranks, scores = (torch.zeros(L, H, dtype=torch.float64) for _ in range(4))
-        spectra = torch.zeros(L, H, w["W_E"].shape[0], dtype=torch.float64)
-        for layer in range(L):
-            for head in range(H):
-                if name == "ov":
-                    M = w["W_E"] @ w["W_V"][layer, head] @ w["W_O"][layer, head] @ w["W_U"]
-                else:
-                    M = w["W_E"] @ w["W_Q"][layer, head] @ w["W_K"][layer, head].T @ w["W_E"].T
-                s = torch.linalg.svdvals(M)
-                p = s / s.sum()
-                eig = torch.linalg.eigvals(M)
-                norms[layer, head] = torch.linalg.norm(M)
-                spectra[layer, head] = s
-                ranks[layer, head] = torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum())
-                scores[layer, head] = eig.sum().real / eig.abs().sum()
-        out[name] = {"norm": norms, "singular_values": spectra, "effective_rank": ranks, "positivity": scores}
-    return out
 
 
 @pytest.fixture(scope="module")
