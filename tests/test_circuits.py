@@ -211,7 +211,7 @@ def test_cli_without_matplotlib_says_how_to_install_and_continues(tmp_path, caps
     code, _, err = _run(["circuits", "--random-shape", "1,2,8,20", "--out", str(tmp_path), "--no-progress"], capsys)
     assert code == 0
     assert "pip install matplotlib" in err and "lowrank_op[plots]" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [circuit_report.CSV_NAME, circuit_report.JSON_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([circuit_report.CSV_NAME, circuit_report.JSON_NAME, circuit_report.TOKENS_NAME])
 
 
 def test_cli_no_plots_writes_no_png(tmp_path, capsys):

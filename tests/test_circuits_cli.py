@@ -125,9 +125,11 @@ USAGE_ERRORS = {
     "shape-with-weights": (["--weights", "WEIGHTS", "--random-shape", "1,2,8,20"],
                            r"`--random-shape` applies to the built-in random model only"),
     "heads-do-not-divide": (["--random-shape", "1,3,16,50"],
-                            r"--random-shape: must be N_LAYERS,N_HEADS,D_MODEL,D_VOCAB: four positive integers, N_HEADS "
+                            r"--random-shape: must be a preset \(gpt2-small, gpt2-xl, llama3-8b\) or "
+                            r"N_LAYERS,N_HEADS,D_MODEL,D_VOCAB: four positive integers, N_HEADS "
                             r"dividing D_MODEL .*got '1,3,16,50', whose N_HEADS 3 does not divide D_MODEL 16"),
-    "three-fields": (["--random-shape", "1,2,8"], r"--random-shape: must be N_LAYERS,N_HEADS,D_MODEL,D_VOCAB.*got '1,2,8'$"),
+    "three-fields": (["--random-shape", "1,2,8"], r"--random-shape: must be a preset .*N_LAYERS,N_HEADS,D_MODEL,D_VOCAB.*got '1,2,8'$"),
+    "unknown-preset": (["--random-shape", "llama3-70b"], r"--random-shape: must be a preset .*got 'llama3-70b'$"),
     "zero-field": (["--random-shape", "1,2,8,0"], r"--random-shape: must be .*got '1,2,8,0'$"),
     "missing-weights": (["--weights", "MISSING"], r"no checkpoint at .*missing.safetensors"),
     "top-k-too-big": (["--random-shape", "1,2,8,20", "--top-k", "5"],
@@ -178,7 +180,7 @@ def test_outputs_are_moved_into_place_on_success(tmp_path, capsys, out_dir):
     existed = out_dir.exists()
     code, out, _ = _run(BASE + ["--random-shape", "1,2,8,20", "--out", str(out_dir)], capsys)
     assert code == 0
-    names = {circuit_report.CSV_NAME, circuit_report.JSON_NAME} | ({"keep.txt"} if existed else set())
+    names = {circuit_report.CSV_NAME, circuit_report.JSON_NAME, circuit_report.TOKENS_NAME} | ({"keep.txt"} if existed else set())
     assert {p.name for p in out_dir.iterdir()} == names
     assert [p.name for p in out_dir.parent.iterdir()] == ["out"]  # no staging folder left beside it
     if existed:
@@ -195,19 +197,23 @@ def test_out_with_missing_parents_is_created_on_success_only(tmp_path, capsys):
 
 
 # --- The closing lines ----------------------------------------------------------------------------------
-WALL = re.compile(r"^wall time (\d+\.\d) s = loading (\d+\.\d) s \+ circuits (\d+\.\d) s \+ table and CSV (\d+\.\d) s "
-                  r"\+ plots (\d+\.\d) s \+ other (\d+\.\d) s \(other: .*\) on \d+ threads$", flags=re.M)
+WALL = re.compile(r"^wall time (\d+\.\d) s = loading (\d+\.\d) s \+ circuits (\d+\.\d) s (?:\+ composition (\d+\.\d) s )?"
+                  r"\+ table and CSV (\d+\.\d) s \+ plots (\d+\.\d) s \+ other (\d+\.\d) s \(other: .*\) on \d+ threads$",
+                  flags=re.M)
 
 
-def test_wall_time_parts_add_up_and_json_timing_too(tmp_path, capsys):
-    code, out, _ = _run(BASE + ["--random-shape", "2,2,8,20", "--out", str(tmp_path)], capsys)
+@pytest.mark.parametrize("composition", [False, True])
+def test_wall_time_parts_add_up_and_json_timing_too(tmp_path, capsys, composition):
+    code, out, _ = _run(BASE + ["--random-shape", "2,2,8,20", "--out", str(tmp_path)] + ["--composition"] * composition,
+                        capsys)
     assert code == 0
-    tenths = [round(float(x) * 10) for x in WALL.search(out).groups()]
+    tenths = [round(float(x) * 10) for x in WALL.search(out).groups() if x is not None]
     assert tenths[0] == sum(tenths[1:])
     document = json.loads((tmp_path / circuit_report.JSON_NAME).read_text())
     timing = document["timing_s"]
     assert "add up to total_s" in document["timing_note"]
-    parts = ["load_s", "analysis_s", "table_and_csv_s", "plots_s", "other_s"]
+    parts = ["load_s", "analysis_s", "composition_s", "table_and_csv_s", "plots_s", "other_s"]
+    assert ("composition" in WALL.search(out).group(0)) == composition
     assert all(timing[p] >= 0 for p in parts)
     assert sum(timing[p] for p in parts) == pytest.approx(timing["total_s"], rel=1e-12)
 

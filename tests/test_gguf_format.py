@@ -1,8 +1,6 @@
-# load_module (importing the module by its file path) exists only until the lowrank_op/circuits/ subpackage lands.
 """lowrank_op.circuits.gguf_format: llama GGUF files read back in Hugging Face orientation; errors."""
 
 import ast
-import importlib.util
 import struct
 import sys
 from pathlib import Path
@@ -11,20 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lowrank_op.circuits import gguf_format as gf
 from lowrank_op.errors import CheckpointError
 
 
-def load_module(name, path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-gf = load_module("lowrank_op_gguf_format", Path(__file__).parents[1] / "lowrank_op" / "circuits" / "gguf_format.py")
 try:
     import gguf
     from gguf import GGMLQuantizationType as Q

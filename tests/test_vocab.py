@@ -1,30 +1,17 @@
-# load_module (importing the module by its file path) exists only until the lowrank_op/circuits/ subpackage lands.
 """lowrank_op.circuits.vocab: token strings from tokenizer.json and vocab.txt; their display form."""
 
 import csv
 import ast
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from lowrank_op.circuits import vocab
 from lowrank_op.errors import CheckpointError
 
 
-def load_module(name, path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vocab = load_module("lowrank_op_vocab", Path(__file__).parents[1] / "lowrank_op" / "circuits" / "vocab.py")
 
 
 def gpt2_byte_chars():

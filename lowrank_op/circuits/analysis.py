@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
+from lowrank_op.circuits.directions import DEFAULT_TOKENS, Directions, top_directions
 from lowrank_op.circuits.weights import AttentionWeights, LayerWeights, grouped
 from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
@@ -283,10 +284,15 @@ def circuit_metrics(circuit: FactoredMatrix, what: str = "the circuit",
 
 @dataclass(frozen=True)
 class CircuitReport:
-    """Measurements of every head's OV and QK circuits; leading shape (n_layers, n_heads)."""
+    """Measurements of every head's OV and QK circuits; leading shape (n_layers, n_heads).
+
+    ``directions``: the OV circuits' top singular directions and their tokens
+    (:mod:`lowrank_op.circuits.directions`), when asked for.
+    """
 
     ov: CircuitMetrics
     qk: CircuitMetrics
+    directions: Directions | None = None
 
 
 #: What each circuit is made of: its title, its factors' names, and the weights that go into it.
@@ -412,7 +418,8 @@ def _measure_layers(weights: AttentionWeights, name: str, reduction: shared_base
     return _concat(parts)
 
 
-def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = None) -> CircuitReport:
+def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = None, directions: int = 0,
+            tokens: int = DEFAULT_TOKENS) -> CircuitReport:
     """Measure the OV and QK circuits of every head, through one QR of ``W_E`` shared by all of them.
 
     Parameters
@@ -421,6 +428,10 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     on_layer : callable, optional
         Called with each layer's index once that layer is measured (for progress reports; layers
         are measured in batches, see ``BATCH_SHARE_OF_W_E``, and reported in order after each).
+    directions : int
+        Also find each head's top ``directions`` OV singular directions and the ``tokens`` tokens
+        each reads and writes (:func:`lowrank_op.circuits.directions.top_directions`); 0: not.
+    tokens : int
 
     Returns
     -------
@@ -468,12 +479,18 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
         reductions[name] = _reduce(*_outer(weights, name), f"the {title} (from {_sources(weights, name, None)})",
                                    ("W_E", U_name))
     results: dict[str, list[CircuitMetrics]] = {"ov": [], "qk": []}
+    found: list[Directions] = []
     for layers in _layer_batches(weights):
         part = weights.read(layers.start, layers.stop)
         require_finite_weights(weights, part, layers.start)
         for name, reduction in reductions.items():
             results[name].append(_measure_layers(weights, name, reduction, layers, part))
+        if directions:
+            W_V, W_O = _batch_factors(part, "ov", weights.group)
+            found.append(top_directions(weights.W_E, weights.W_U, reductions["ov"], W_V, W_O, directions,
+                                        tokens).flat_heads())
         if on_layer is not None:
             for layer in range(layers.start, layers.stop):
                 on_layer(layer)
-    return CircuitReport(ov=_concat(results["ov"]), qk=_concat(results["qk"]))
+    return CircuitReport(ov=_concat(results["ov"]), qk=_concat(results["qk"]),
+                         directions=Directions.cat(found) if found else None)

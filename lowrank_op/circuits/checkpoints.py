@@ -282,16 +282,39 @@ def load(path: str | Path, n_heads: int | None = None, dtype: torch.dtype = torc
     if _is_gguf(path):
         from lowrank_op.circuits import gguf_format
 
-        container = gguf_format.open_gguf(path)
-        hp = container.hparams()
+        container = _GGUFTensors(gguf_format.open_gguf(path))
+        hp = container.gguf.hparams()
         if n_heads is not None and n_heads != hp["n_heads"]:
             raise ValueError(f"`n_heads` (--n-heads) is {n_heads} but the GGUF metadata says {hp['n_heads']}; "
                              "drop the flag.")
         heads = (hp["n_heads"], hp["n_kv_heads"], hp["d_head"], f"{path.name}'s metadata")
-        return _assemble(container, layouts.GGUF_LLAMA, "", path, heads, dtype, vocab=container.tokens)
+        return _assemble(container, layouts.GGUF_LLAMA, "", path, heads, dtype, vocab=container.gguf.tokens)
     container = SafetensorsCheckpoint(path)
     layout, prefix = layouts.detect_layout(container.names)
     return _assemble(container, layout, prefix, container.path, None, dtype, vocab=None, n_heads=n_heads)
+
+
+class _GGUFTensors:
+    """A :class:`~lowrank_op.circuits.gguf_format.GGUFCheckpoint` seen as the loader sees a
+    safetensors checkpoint: names, shapes, a dtype name per tensor, ``get`` dequantized (and
+    checked finite by the GGUF reader itself)."""
+
+    def __init__(self, gguf):
+        self.gguf = gguf
+        self.names = set(gguf.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.gguf.tensors[name].shape
+
+    def dtype_name(self, name: str) -> str:
+        return self.gguf.tensors[name].type_name
+
+    def dequantizes(self, name: str) -> bool:
+        return True  # open_gguf refuses circuit tensors of a type it cannot dequantize
+
+    def get(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        tensor = self.gguf.get(name, dtype)
+        return tensor, tensor
 
 
 #: The name the command and the tests have used for :func:`load`.
@@ -339,8 +362,8 @@ def _assemble(container, layout: Layout, prefix: str, path: Path, heads, dtype: 
         tensor_names.update(zip(("W_Q", "W_K", "W_V", "W_O"), templates))
     if vocab is None:
         vocab = _vocab_beside(path)
-    if vocab is not None and len(vocab) != d_vocab:
-        vocab = _fit_vocab(vocab, d_vocab)
+    if vocab is not None:
+        vocab = _fit_vocab(_displayed(vocab), d_vocab)
     return AttentionWeights(
         W_E=W_E, W_U=W_U, layers=source, layout=layout.key, source=str(path), tied=unembed is None,
         n_heads_source=n_heads_source, tensor_names=tensor_names, vocab=vocab, rotary=layout.rotary,
@@ -370,11 +393,18 @@ def _heads_from_config(layout: Layout, d_model: int, path: Path, n_heads: int | 
 
 
 def _vocab_beside(path: Path) -> list[str] | None:
-    try:
-        from lowrank_op.circuits import vocab
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return None
+    from lowrank_op.circuits import vocab
+
     return vocab.read_vocab(path)
+
+
+def _displayed(tokens: list[str]) -> list[str]:
+    """The tokens' one-line printable forms (:func:`lowrank_op.circuits.vocab.display_token`),
+    byte-level BPE decoded when the vocabulary is byte-level."""
+    from lowrank_op.circuits import vocab
+
+    byte_level = vocab.is_byte_level_vocab(tokens)
+    return [vocab.display_token(t, byte_level=byte_level) for t in tokens]
 
 
 def _fit_vocab(tokens: list[str], d_vocab: int) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_op.circuits import analysis, checkpoints, memory, report
+from lowrank_op.circuits import analysis, checkpoints, composition, directions, memory, report
 from lowrank_op.errors import NonFiniteResultError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -50,8 +50,11 @@ RANDOM_SHAPE_FIELDS = ("n_layers", "n_heads", "d_model", "d_vocab")
 
 
 def _random_shape(text: str) -> dict:
-    rule = ("must be N_LAYERS,N_HEADS,D_MODEL,D_VOCAB: four positive integers, N_HEADS dividing D_MODEL "
-            "(each head is D_MODEL / N_HEADS wide), e.g. 2,4,64,1000 or GPT-2 small's 12,12,768,50257")
+    names = ", ".join(checkpoints.RANDOM_PRESETS)
+    rule = (f"must be a preset ({names}) or N_LAYERS,N_HEADS,D_MODEL,D_VOCAB: four positive integers, N_HEADS "
+            "dividing D_MODEL (each head is D_MODEL / N_HEADS wide), e.g. 2,4,64,1000 or GPT-2 small's 12,12,768,50257")
+    if text in checkpoints.RANDOM_PRESETS:
+        return dict(checkpoints.RANDOM_PRESETS[text])
     try:
         values = [int(p) for p in text.split(",")]
     except ValueError:
@@ -64,6 +67,27 @@ def _random_shape(text: str) -> dict:
             f"{rule}; got {text!r}, whose N_HEADS {shape['n_heads']} does not divide D_MODEL {shape['d_model']}"
         )
     return shape
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _preset_text(shape: dict) -> str:
+    text = f"{shape['n_layers']} layers x {shape['n_heads']} heads"
+    if "n_kv_heads" in shape:
+        text += f" ({shape['n_kv_heads']} key/value)"
+    text += f", d_model {shape['d_model']}"
+    if "d_head" in shape:
+        text += f", d_head {shape['d_head']}"
+    text += f", vocab {shape['d_vocab']}" + (", untied" if shape.get("untied") else "")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     c.add_argument("--weights", type=Path, metavar="FILE",
-                   help="a .safetensors checkpoint (or its directory) in GPT-2 layout (h.{i}.attn.c_attn.weight, "
-                        "wte.weight, optional prefix such as transformer.) or BERT layout "
-                        "(encoder.layer.{i}.attention.self.query.weight, ..., optional prefix such as bert.)")
+                   help="a checkpoint: a .safetensors file, a sharded model.safetensors.index.json, a directory "
+                        "holding either, or a llama.cpp .gguf file (llama architecture; needs the gguf package). "
+                        "Layouts: GPT-2 (h.{i}.attn.c_attn.weight, wte.weight), BERT (encoder.layer.{i}.attention."
+                        "self.query.weight, ...), Llama/Mistral/Qwen2 (layers.{i}.self_attn.q_proj.weight, "
+                        "embed_tokens.weight; GQA from config.json), GPT-NeoX/Pythia (layers.{i}.attention."
+                        "query_key_value.weight, embed_in.weight), each under any prefix")
     c.add_argument("--out", type=Path, default=Path("circuits_out"), metavar="DIR",
                    help=f"directory for {report.CSV_NAME}, {report.JSON_NAME} and the PNG plots "
                         "(created if missing, only once everything has been computed and written beside it; "
@@ -100,8 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (torch.set_num_threads); default: torch's default, here "
                         f"{torch.get_num_threads()}")
     c.add_argument("--seed", type=int, help=f"seed of the random model (default: {DEFAULT_SEED}); not with --weights")
-    c.add_argument("--random-shape", type=_random_shape, metavar="L,H,D_MODEL,D_VOCAB",
-                   help="shape of the random model instead of GPT-2 small's 12,12,768,50257; not with --weights")
+    c.add_argument("--random-shape", type=_random_shape, metavar="PRESET|L,H,D_MODEL,D_VOCAB",
+                   help="shape of the random model instead of GPT-2 small's: a preset ("
+                        + ", ".join(f"{name}: {_preset_text(shape)}" for name, shape in checkpoints.RANDOM_PRESETS.items())
+                        + ") or four numbers, tied embeddings; not with --weights")
+    c.add_argument("--directions", type=_count, default=directions.DEFAULT_DIRECTIONS, metavar="N",
+                   help=f"per head, the top N singular directions of the OV circuit and the tokens each reads "
+                        f"and writes, in {report.TOKENS_NAME} (default: %(default)s; 0: none)")
+    c.add_argument("--tokens", type=_positive_int, default=directions.DEFAULT_TOKENS, metavar="K",
+                   help="tokens listed per side of each direction (default: %(default)s)")
+    c.add_argument("--composition", action="store_true",
+                   help=f"also Q-, K- and V-composition scores of every pair of heads in different layers, in "
+                        f"{report.COMPOSITION_NAME} and composition_{{q,k,v}}.png")
     c.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(run=run_circuits, command_parser=c)  # errors then show the subcommand's usage
@@ -315,22 +352,28 @@ def _circuits(args, parser, start: float) -> int:
     peak_load, rss_loaded = memory.peak_rss(), memory.current_rss()
     peak_reset = rss_loaded is not None and memory.reset_peak()
     print(f"model: {weights.source}", file=sys.stderr)
+    kv = f" sharing {weights.n_kv_heads} key/value heads" if weights.group > 1 else ""
     print(f"  {checkpoints.LAYOUT_NAMES[weights.layout]} layout, {weights.n_layers} layers x {weights.n_heads} "
-          f"heads (from {weights.n_heads_source}), d_model {weights.d_model}, d_head {weights.d_head}, "
+          f"heads{kv} (from {weights.n_heads_source}), d_model {weights.d_model}, d_head {weights.d_head}, "
           f"d_vocab {weights.d_vocab}, {'tied' if weights.tied else 'separate'} unembedding, {args.dtype}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
 
     progress = _Progress(weights.n_layers, enabled=not args.no_progress)
     where = f"{weights.source}: " if weights.layout != "random" else ""
+    scores = None
     try:
-        measured = analysis.analyze(weights, on_layer=progress)
+        measured = analysis.analyze(weights, on_layer=progress, directions=args.directions, tokens=args.tokens)
+        progress.close()
+        analysed = time.perf_counter()
+        if args.composition:
+            scores = composition.composition(weights)
     except (ValueError, NonFiniteResultError) as err:
         raise _CommandFailure(f"{where}{err}") from None
     except OSError as err:  # the attention weights are read from the file as the analysis goes
         raise _CommandFailure(f"{where}cannot be read ({err.strerror or err}).") from None
     finally:
         progress.close()
-    analysed = time.perf_counter()
+    composed = time.perf_counter()
     peak_analysis = memory.peak_rss()
 
     itemsize = weights.W_E.element_size()
@@ -347,20 +390,27 @@ def _circuits(args, parser, start: float) -> int:
         "all_layers_circuit_factor_bytes": layer_factor_bytes * weights.n_layers,
         "weight_bytes": weights.nbytes,
     }
-    settings = {"top_k": args.top_k, "dtype": args.dtype, "threads": torch.get_num_threads()}
+    settings = {"top_k": args.top_k, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                "directions": args.directions, "tokens": args.tokens, "composition": args.composition}
 
     staging = None
     try:
         staging = _staging_dir(args.out)
         report.write_csv(staging / report.CSV_NAME, measured, args.top_k)
-        table = report.format_table(measured, args.top_k)
+        if measured.directions is not None:
+            report.write_tokens_csv(staging / report.TOKENS_NAME, measured, weights.vocab)
+        if scores is not None:
+            report.write_composition_csv(staging / report.COMPOSITION_NAME, scores)
+        table = report.format_table(measured, args.top_k, weights.vocab)
         reported = time.perf_counter()
         plotted, plots_written = reported, True
         if not args.no_plots:
             plots_written = bool(report.write_plots(staging, measured, weights))
+            if scores is not None and plots_written:
+                report.write_composition_plots(staging, scores, weights)
             plotted = time.perf_counter()
-        timing = {"load_s": loaded - start, "analysis_s": analysed - loaded, "table_and_csv_s": reported - analysed,
-                  "plots_s": plotted - reported}
+        timing = {"load_s": loaded - start, "analysis_s": analysed - loaded, "composition_s": composed - analysed,
+                  "table_and_csv_s": reported - composed, "plots_s": plotted - reported}
         timing["other_s"] = time.perf_counter() - start - sum(timing.values())
         timing["total_s"] = sum(timing.values())
         report.write_json(staging / report.JSON_NAME, measured, weights, args.top_k,
@@ -383,8 +433,10 @@ def _circuits(args, parser, start: float) -> int:
               '(or `pip install "lowrank_op[plots]"`), or pass --no-plots.', file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in written)}")
     peak_total = max(peak_load, memory.peak_rss())
-    parts = [("loading", timing["load_s"]), ("circuits", timing["analysis_s"]),
-             ("table and CSV", timing["table_and_csv_s"]), ("plots", timing["plots_s"])]
+    parts = [("loading", timing["load_s"]), ("circuits", timing["analysis_s"])]
+    if args.composition:
+        parts.append(("composition", timing["composition_s"]))
+    parts += [("table and CSV", timing["table_and_csv_s"]), ("plots", timing["plots_s"])]
     print(f"wall time {_split_time(parts, time.perf_counter() - start)} (other: JSON, moving the files into "
           f"place, printing) on {torch.get_num_threads()} threads")
     print(f"peak memory (ru_maxrss): {_size(peak_total)}; after loading: {_size(rss_loaded)}")

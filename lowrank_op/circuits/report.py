@@ -11,11 +11,22 @@ import json
 import math
 from pathlib import Path
 
-from lowrank_op.circuits.checkpoints import LAYOUT_NAMES, AttentionWeights
+import torch
+
 from lowrank_op.circuits.analysis import CircuitReport
+from lowrank_op.circuits.composition import MODES, pairs
+from lowrank_op.circuits.layouts import LAYOUT_NAMES
+from lowrank_op.circuits.weights import AttentionWeights
 
 CSV_NAME = "circuits.csv"
 JSON_NAME = "circuits.json"
+TOKENS_NAME = "tokens.csv"
+COMPOSITION_NAME = "composition.csv"
+COMPOSITION_PLOT_NAMES = {mode: f"composition_{mode}.png" for mode in MODES}
+TOKENS_COLUMNS = ("layer", "head", "direction", "singular_value", "side", "rank", "token_id", "token", "weight")
+COMPOSITION_COLUMNS = ("mode", "src_layer", "src_head", "dst_layer", "dst_head", "score")
+#: Tokens per side shown in the table's one-line summary of a head's top direction.
+SUMMARY_TOKENS = 3
 HEATMAP_NAME = "copying_scores.png"
 SPECTRA_NAMES = {"ov": "ov_spectra.png", "qk": "qk_spectra.png"}
 EFFECTIVE_RANK_DEFINITION = (
@@ -96,13 +107,29 @@ def model_summary(weights: AttentionWeights) -> dict:
         "d_head": weights.d_head,
         "d_vocab": weights.d_vocab,
         "tied_unembedding": weights.tied,
+        "n_kv_heads": weights.n_kv_heads,
+        "rotary": weights.rotary,
+        "vocabulary": weights.vocab is not None,
         "dtype": str(weights.dtype).removeprefix("torch."),
         "weight_bytes": weights.nbytes,
     }
 
 
-def format_table(report: CircuitReport, top_k: int) -> str:
-    """Two fixed-width tables (OV, then QK), one line per head."""
+def _token_text(token_id: int, vocab: list[str] | None) -> str:
+    return vocab[token_id] if vocab is not None else f"#{token_id}"
+
+
+def direction_summary(report: CircuitReport, layer: int, head: int, vocab: list[str] | None) -> str:
+    """``reads 'a' 'b' 'c' -> writes 'x' 'y' 'z'``: the top direction's first tokens per side."""
+    d = report.directions
+    reads = " ".join(repr(_token_text(int(t), vocab)) for t in d.reads_ids[layer, head, 0, :SUMMARY_TOKENS])
+    writes = " ".join(repr(_token_text(int(t), vocab)) for t in d.writes_ids[layer, head, 0, :SUMMARY_TOKENS])
+    return f"reads {reads} -> writes {writes}"
+
+
+def format_table(report: CircuitReport, top_k: int, vocab: list[str] | None = None) -> str:
+    """Two fixed-width tables (OV, then QK), one line per head; the OV table ends each line with
+    its top direction's tokens (:func:`direction_summary`) when the report has directions."""
     n_layers, n_heads = report.ov.norm.shape
     lines = []
     for name in ("ov", "qk"):
@@ -115,11 +142,14 @@ def format_table(report: CircuitReport, top_k: int) -> str:
         for layer in range(n_layers):
             for head in range(n_heads):
                 top = " ".join(f"{s:9.3e}" for s in m.singular_values[layer, head, :top_k].tolist())
-                lines.append(
+                line = (
                     f"{layer:>5} {head:>4}  {float(m.norm[layer, head]):>10.4e}  "
                     f"{float(m.effective_rank[layer, head]):>8.2f}  "
                     f"{float(m.eigenvalue_positivity[layer, head]):>+8.3f}  {top}"
                 )
+                if name == "ov" and report.directions is not None:
+                    line += f"  | {direction_summary(report, layer, head, vocab)}"
+                lines.append(line)
         lines.append("")
     return "\n".join(lines)
 
@@ -142,17 +172,63 @@ def write_csv(path: Path, report: CircuitReport, top_k: int) -> None:
         writer.writerows(rows)
 
 
+def token_rows(report: CircuitReport, vocab: list[str] | None) -> list[tuple]:
+    """The rows of tokens.csv (:data:`TOKENS_COLUMNS`): per head, direction (1 = the largest
+    singular value), side (``reads``, then ``writes``) and rank (1 = the largest entry)."""
+    d = report.directions
+    n_layers, n_heads, n_directions, n_tokens = d.reads_ids.shape
+    rows = []
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            for i in range(n_directions):
+                s = float(d.singular_values[layer, head, i])
+                for side, ids, weights in (("reads", d.reads_ids, d.reads_weights), ("writes", d.writes_ids, d.writes_weights)):
+                    for rank in range(n_tokens):
+                        t = int(ids[layer, head, i, rank])
+                        token = vocab[t] if vocab is not None else ""
+                        rows.append((layer, head, i + 1, s, side, rank + 1, t, token, float(weights[layer, head, i, rank])))
+    return rows
+
+
+def write_tokens_csv(path: Path, report: CircuitReport, vocab: list[str] | None) -> None:
+    """tokens.csv: :func:`token_rows` under a header of :data:`TOKENS_COLUMNS`; the ``token`` column
+    holds the vocabulary's display form of each token
+    (:func:`lowrank_op.circuits.vocab.display_token`, as the loader stores them), empty without one."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TOKENS_COLUMNS)
+        writer.writerows(token_rows(report, vocab))
+
+
+def write_composition_csv(path: Path, scores: dict) -> None:
+    """composition.csv: every pair of heads with ``src_layer < dst_layer``, per mode (``q``, ``k``, ``v``)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COMPOSITION_COLUMNS)
+        for mode in MODES:
+            writer.writerows((mode, *row[:4], "" if math.isnan(row[4]) else row[4]) for row in pairs(scores[mode]))
+
+
 def write_json(path: Path, report: CircuitReport, weights: AttentionWeights, top_k: int, extra: dict) -> None:
     """The model, the definitions, ``extra`` (timing, memory, settings) and :func:`head_records`."""
     document = {
         "model": model_summary(weights),
         "definitions": {
             "ov_circuit": "W_E W_V W_O W_U",
-            "qk_circuit": "W_E W_Q W_K^T W_E^T",
+            "qk_circuit": "W_E W_Q W_K^T W_E^T" + (
+                ", position-free: the rotary embedding this model applies to queries and keys is left out, "
+                "as TransformerLens computes it" if weights.rotary else ""),
             "norm": "Frobenius norm",
             "effective_rank": EFFECTIVE_RANK_DEFINITION,
             "copying_score": "OV circuit: " + POSITIVITY_DEFINITION,
             "eigenvalue_positivity": "QK circuit: " + POSITIVITY_DEFINITION,
+            "grouped_query_attention": (f"{weights.n_heads} query heads share {weights.n_kv_heads} key/value heads: "
+                                        f"query head h reads key/value head h // {weights.group}"),
+            "directions": ("tokens.csv: each head's top OV singular directions u_i (reads: attended tokens) and "
+                           "v_i (writes: logits raised), sign fixed so that v_i's entry of largest magnitude is "
+                           "positive; the listed tokens are each vector's largest entries"),
+            "composition": ("composition.csv: |W_OV^src W^dst|_F / (|W_OV^src|_F |W^dst|_F) with W^dst = W_Q W_K^T (q), "
+                            "W_K W_Q^T (k) or W_V W_O (v), for src_layer < dst_layer (TransformerLens's composition_scores)"),
         },
         **extra,
         "heads": head_records(report, top_k),
@@ -265,3 +341,43 @@ def _spectra(mpl, path: Path, singular_values, name: str, label: str) -> Path:
     fig.suptitle(f"Singular values of the {CIRCUIT_TITLES[name]}\n{label}", fontsize=10)
     fig.savefig(path, dpi=100)
     return path
+
+
+def write_composition_plots(out: Path, scores: dict, weights: AttentionWeights) -> list[Path]:
+    """One heat map per mode (``composition_{q,k,v}.png``): source heads down, destination heads
+    across, both ordered by layer then head, layer boundaries drawn; pairs not in an earlier
+    layer (``src_layer >= dst_layer``) are blank. Empty list without matplotlib."""
+    mpl = import_matplotlib()
+    if mpl is None:
+        return []
+    Figure = mpl.figure.Figure
+    L, H = weights.n_layers, weights.n_heads
+    label = f"{LAYOUT_NAMES[weights.layout]} model ({L} layers x {H} heads)"
+    titles = {"q": "Q-composition (into W_Q W_K^T)", "k": "K-composition (into W_K W_Q^T)", "v": "V-composition (into W_V W_O)"}
+    written = []
+    for mode in MODES:
+        values = scores[mode].double().reshape(L * H, L * H).clone()
+        layer = torch.arange(L).repeat_interleave(H)
+        values[layer[:, None] >= layer[None, :]] = float("nan")  # only earlier -> later
+        fig = Figure(figsize=(8.0, 7.0), layout="constrained")
+        ax = fig.add_subplot()
+        cmap = mpl.colormaps["viridis"].copy()
+        cmap.set_bad("white")
+        finite = values[torch.isfinite(values)]
+        vmax = float(finite.max()) if finite.numel() else 1.0
+        image = ax.imshow(values.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        for boundary in range(1, L):
+            ax.axhline(boundary * H - 0.5, color="0.3", lw=0.6)
+            ax.axvline(boundary * H - 0.5, color="0.3", lw=0.6)
+        step = max(1, L // 12)
+        ticks = [l * H + (H - 1) / 2 for l in range(0, L, step)]
+        ax.set_xticks(ticks, [str(l) for l in range(0, L, step)])
+        ax.set_yticks(ticks, [str(l) for l in range(0, L, step)])
+        ax.set_xlabel(f"destination head (by layer; {H} heads per layer)")
+        ax.set_ylabel(f"source head (by layer; {H} heads per layer)")
+        ax.set_title(f"{titles[mode]}\n{label}", fontsize=10)
+        fig.colorbar(image, ax=ax, label="composition score", shrink=0.8)
+        path = out / COMPOSITION_PLOT_NAMES[mode]
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
