@@ -104,3 +104,14 @@ def test_malformed_gguf_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith(f"lowrank_op circuits: error: {path}: ")
     assert "truncated" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_byte_level_vocabulary_is_decoded_by_the_files_own_word(tmp_path):
+    # llama.cpp calls byte-level BPE vocabularies "gpt2" (GPT-2's, Llama 3's, SmolLM2's), whether
+    # or not all 256 byte tokens are in them: their tokens are shown decoded.
+    metadata, stored, _ = llama_parts(**SHAPE)
+    tokens = ["Ġthe", "Ċ", "hello", "<s>"] + [f"Ġt{i}" for i in range(36)]
+    metadata = {**metadata, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens}
+    weights = load(write_gguf(tmp_path / "bpe.gguf", metadata, stored))
+    assert weights.vocab[:4] == [display_token(t, byte_level=True) for t in tokens[:4]]
+    assert weights.vocab[0] == " the" and weights.vocab[2] == "hello"

@@ -485,10 +485,11 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
         require_finite_weights(weights, part, layers.start)
         for name, reduction in reductions.items():
             results[name].append(_measure_layers(weights, name, reduction, layers, part))
-        if directions:
-            W_V, W_O = _batch_factors(part, "ov", weights.group)
-            found.append(top_directions(weights.W_E, weights.W_U, reductions["ov"], W_V, W_O, directions,
-                                        tokens).flat_heads())
+        if directions:  # a layer at a time: the lifted vectors are d_vocab x (n_heads directions) per call
+            for j in range(layers.stop - layers.start):
+                W_V, W_O = _batch_factors(part, "ov", weights.group, j)
+                found.append(top_directions(weights.W_E, weights.W_U, reductions["ov"], W_V, W_O, directions,
+                                            tokens).flat_heads())
         if on_layer is not None:
             for layer in range(layers.start, layers.stop):
                 on_layer(layer)

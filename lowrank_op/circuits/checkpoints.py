@@ -288,7 +288,10 @@ def load(path: str | Path, n_heads: int | None = None, dtype: torch.dtype = torc
             raise ValueError(f"`n_heads` (--n-heads) is {n_heads} but the GGUF metadata says {hp['n_heads']}; "
                              "drop the flag.")
         heads = (hp["n_heads"], hp["n_kv_heads"], hp["d_head"], f"{path.name}'s metadata")
-        return _assemble(container, layouts.GGUF_LLAMA, "", path, heads, dtype, vocab=container.gguf.tokens)
+        tokens = container.gguf.tokens
+        if tokens is not None:  # llama.cpp names byte-level BPE vocabularies (GPT-2's, Llama 3's, SmolLM2's) "gpt2"
+            tokens = _displayed(tokens, byte_level=container.gguf.metadata.get("tokenizer.ggml.model") == "gpt2")
+        return _assemble(container, layouts.GGUF_LLAMA, "", path, heads, dtype, vocab=tokens, displayed=True)
     container = SafetensorsCheckpoint(path)
     layout, prefix = layouts.detect_layout(container.names)
     return _assemble(container, layout, prefix, container.path, None, dtype, vocab=None, n_heads=n_heads)
@@ -322,7 +325,7 @@ load_safetensors = load
 
 
 def _assemble(container, layout: Layout, prefix: str, path: Path, heads, dtype: torch.dtype,
-              vocab: list[str] | None, n_heads: int | None = None) -> AttentionWeights:
+              vocab: list[str] | None, n_heads: int | None = None, displayed: bool = False) -> AttentionWeights:
     names = container.names
     n_layers = layouts.count_layers(names, prefix, layout)
     embed = prefix + layout.embed
@@ -363,7 +366,7 @@ def _assemble(container, layout: Layout, prefix: str, path: Path, heads, dtype: 
     if vocab is None:
         vocab = _vocab_beside(path)
     if vocab is not None:
-        vocab = _fit_vocab(_displayed(vocab), d_vocab)
+        vocab = _fit_vocab(vocab if displayed else _displayed(vocab), d_vocab)
     return AttentionWeights(
         W_E=W_E, W_U=W_U, layers=source, layout=layout.key, source=str(path), tied=unembed is None,
         n_heads_source=n_heads_source, tensor_names=tensor_names, vocab=vocab, rotary=layout.rotary,
@@ -398,12 +401,14 @@ def _vocab_beside(path: Path) -> list[str] | None:
     return vocab.read_vocab(path)
 
 
-def _displayed(tokens: list[str]) -> list[str]:
+def _displayed(tokens: list[str], byte_level: bool | None = None) -> list[str]:
     """The tokens' one-line printable forms (:func:`lowrank_op.circuits.vocab.display_token`),
-    byte-level BPE decoded when the vocabulary is byte-level."""
+    byte-level BPE decoded when the vocabulary is byte-level (``byte_level``; None: judged from the
+    tokens, :func:`lowrank_op.circuits.vocab.is_byte_level_vocab`)."""
     from lowrank_op.circuits import vocab
 
-    byte_level = vocab.is_byte_level_vocab(tokens)
+    if byte_level is None:
+        byte_level = vocab.is_byte_level_vocab(tokens)
     return [vocab.display_token(t, byte_level=byte_level) for t in tokens]
 
 

@@ -361,8 +361,7 @@ def write_composition_plots(out: Path, scores: dict, weights: AttentionWeights) 
         values[layer[:, None] >= layer[None, :]] = float("nan")  # only earlier -> later
         fig = Figure(figsize=(8.0, 7.0), layout="constrained")
         ax = fig.add_subplot()
-        cmap = mpl.colormaps["viridis"].copy()
-        cmap.set_bad("white")
+        cmap = mpl.colormaps["viridis"].with_extremes(bad="white")
         finite = values[torch.isfinite(values)]
         vmax = float(finite.max()) if finite.numel() else 1.0
         image = ax.imshow(values.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
