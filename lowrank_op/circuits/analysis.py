@@ -367,6 +367,56 @@ def _sources(weights: AttentionWeights, name: str, layer: int | None) -> str:
     return ", ".join(dict.fromkeys(f"`{_tensor_name(weights, s, layer)}`" for s in symbols))
 
 
+#: The layers each rank measured in the last :func:`analyze` call: ``{rank: [layers]}`` (``{0: all}``
+#: without a process group); the command records it in circuits.json.
+LAST_LAYERS_BY_RANK: dict[int, list[int]] = {}
+
+
+def _measure_batch(weights: AttentionWeights, reductions: dict, layers: slice, directions: int,
+                   tokens: int) -> tuple[CircuitMetrics, CircuitMetrics, list[Directions]]:
+    """One batch of layers: its OV and QK metrics and, with ``directions``, each layer's directions."""
+    part = weights.read(layers.start, layers.stop)
+    require_finite_weights(weights, part, layers.start)
+    ov, qk = (_measure_layers(weights, name, reductions[name], layers, part) for name in ("ov", "qk"))
+    found = []
+    if directions:  # a layer at a time: the lifted vectors are d_vocab x (n_heads directions) per call
+        for j in range(layers.stop - layers.start):
+            W_V, W_O = _batch_factors(part, "ov", weights.group, j)
+            found.append(top_directions(weights.W_E, weights.W_U, reductions["ov"], W_V, W_O, directions,
+                                        tokens).flat_heads())
+    return ov, qk, found
+
+
+def _sharded_reductions(weights: AttentionWeights, group) -> dict[str, shared_bases.OuterReduction]:
+    """The OV and QK circuits' outer reductions by TSQR over this rank's rows of ``W_E`` (and
+    columns of ``W_U``): :func:`lowrank_op.distributed.sharded_outer_reduction`, the same bits on
+    every rank. A ``W_E`` that is not tall (fewer tokens than ``d_model``) is reduced locally, as
+    without a group."""
+    from lowrank_op import distributed
+
+    if weights.d_vocab <= weights.d_model:
+        return {name: shared_bases.reduce_outer(*_outer(weights, name)) for name in ("ov", "qk")}
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    rows = torch.tensor_split(torch.arange(weights.d_vocab), world)[rank]
+    start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+    W_E = weights.W_E[start:stop]
+    W_U = W_E.mT if weights.tied else weights.W_U[:, start:stop]
+    with torch.no_grad():
+        return {"ov": distributed.sharded_outer_reduction(W_E, W_U, group),
+                "qk": distributed.sharded_outer_reduction(W_E, W_E.mT, group)}
+
+
+def _gather_batches(measured: dict, failure: Exception | None, group) -> tuple[dict, Exception | None]:
+    """Every rank's batches (and the first failure, if any rank had one), on every rank."""
+    everyone: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, (measured, failure), group=group)
+    merged, first = {}, None
+    for part, err in everyone:
+        merged.update(part)
+        first = first or err
+    return merged, first
+
+
 #: :func:`analyze` measures layers in batches whose core factors (``n_heads x d_model x d_head``
 #: numbers per layer and factor) hold at most ``max(BATCH_SHARE_OF_W_E * W_E.numel(),
 #: BATCH_MIN_ELEMENTS)`` numbers each: a quarter of ``W_E``, whose QR's workspace (about two
@@ -378,11 +428,12 @@ BATCH_SHARE_OF_W_E = 0.25
 BATCH_MIN_ELEMENTS = 1 << 20
 
 
-def _layer_batches(weights: AttentionWeights) -> list[slice]:
-    """Consecutive slices of layers, each within the budget above (at least one layer each)."""
+def _layer_batches(weights: AttentionWeights, at_least: int = 1) -> list[slice]:
+    """Consecutive slices of layers, each within the budget above (at least one layer each), and
+    at least ``at_least`` of them where there are that many layers (one per rank)."""
     per_layer = weights.n_heads * weights.d_model * weights.d_head
     budget = max(BATCH_SHARE_OF_W_E * weights.W_E.numel(), BATCH_MIN_ELEMENTS)
-    size = max(1, min(weights.n_layers, int(budget // max(per_layer, 1))))
+    size = max(1, min(weights.n_layers, int(budget // max(per_layer, 1)), -(-weights.n_layers // at_least)))
     return [slice(start, min(start + size, weights.n_layers)) for start in range(0, weights.n_layers, size)]
 
 
@@ -419,7 +470,7 @@ def _measure_layers(weights: AttentionWeights, name: str, reduction: shared_base
 
 
 def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = None, directions: int = 0,
-            tokens: int = DEFAULT_TOKENS) -> CircuitReport:
+            tokens: int = DEFAULT_TOKENS, group: object = None) -> CircuitReport:
     """Measure the OV and QK circuits of every head, through one QR of ``W_E`` shared by all of them.
 
     Parameters
@@ -432,6 +483,13 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
         Also find each head's top ``directions`` OV singular directions and the ``tokens`` tokens
         each reads and writes (:func:`lowrank_op.circuits.directions.top_directions`); 0: not.
     tokens : int
+    group : torch.distributed ProcessGroup, optional
+        Run as one of the group's ranks (``torchrun``; :func:`_sharded_reductions`): ``W_E`` and
+        ``W_U`` are factorised by TSQR over row (column) shards, one per rank
+        (:func:`lowrank_op.distributed.sharded_outer_reduction`: only ``d_model x d_model``
+        blocks cross ranks), the batches of layers are dealt out to the ranks in turn, and every
+        rank gets the whole report. Every rank must hold the same weights. The layers each rank
+        measured are in :data:`LAST_LAYERS_BY_RANK` after the call.
 
     Returns
     -------
@@ -472,26 +530,41 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     cache (:mod:`lowrank_op._cache`) while the weights live.
     """
     require_finite_weights(weights)
-    reductions = {}
-    for name in ("ov", "qk"):
-        title = CIRCUIT_PARTS[name][0]
-        U_name = "W_U" if name == "ov" else "W_E^T"
-        reductions[name] = _reduce(*_outer(weights, name), f"the {title} (from {_sources(weights, name, None)})",
-                                   ("W_E", U_name))
-    results: dict[str, list[CircuitMetrics]] = {"ov": [], "qk": []}
-    found: list[Directions] = []
-    for layers in _layer_batches(weights):
-        part = weights.read(layers.start, layers.stop)
-        require_finite_weights(weights, part, layers.start)
-        for name, reduction in reductions.items():
-            results[name].append(_measure_layers(weights, name, reduction, layers, part))
-        if directions:  # a layer at a time: the lifted vectors are d_vocab x (n_heads directions) per call
-            for j in range(layers.stop - layers.start):
-                W_V, W_O = _batch_factors(part, "ov", weights.group, j)
-                found.append(top_directions(weights.W_E, weights.W_U, reductions["ov"], W_V, W_O, directions,
-                                            tokens).flat_heads())
+    if group is not None:
+        reductions = _sharded_reductions(weights, group)
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    else:
+        reductions = {}
+        for name in ("ov", "qk"):
+            title = CIRCUIT_PARTS[name][0]
+            U_name = "W_U" if name == "ov" else "W_E^T"
+            reductions[name] = _reduce(*_outer(weights, name), f"the {title} (from {_sources(weights, name, None)})",
+                                       ("W_E", U_name))
+        rank, world = 0, 1
+    batches = _layer_batches(weights, at_least=world)
+    measured: dict[int, tuple] = {}
+    failure = None
+    for index in range(rank, len(batches), world):
+        layers = batches[index]
+        try:
+            measured[index] = _measure_batch(weights, reductions, layers, directions, tokens)
+        except (ValueError, NonFiniteResultError) as err:
+            if group is None:
+                raise
+            failure = err  # every rank raises it below, rather than leaving the others waiting
+            break
         if on_layer is not None:
             for layer in range(layers.start, layers.stop):
                 on_layer(layer)
+    if group is not None:
+        measured, failure = _gather_batches(measured, failure, group)
+        if failure is not None:
+            raise failure
+    LAST_LAYERS_BY_RANK.clear()
+    LAST_LAYERS_BY_RANK.update({r: [layer for i in range(r, len(batches), world)
+                                    for layer in range(batches[i].start, batches[i].stop)] for r in range(world)})
+    parts = [measured[i] for i in range(len(batches))]
+    results = {"ov": [p[0] for p in parts], "qk": [p[1] for p in parts]}
+    found = [d for p in parts for d in p[2]]
     return CircuitReport(ov=_concat(results["ov"]), qk=_concat(results["qk"]),
                          directions=Directions.cat(found) if found else None)

@@ -333,14 +333,41 @@ def run_circuits(args, parser) -> int:
         parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    group = _process_group()
     try:
-        return _circuits(args, parser, start)
+        return _circuits(args, parser, start, group)
     except _CommandFailure as err:
-        print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
+        if group is None or torch.distributed.get_rank(group) == 0:  # every rank fails alike: one line
+            print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group()
 
 
-def _circuits(args, parser, start: float) -> int:
+#: Seconds any collective of the command may wait under torchrun before it fails.
+DISTRIBUTED_TIMEOUT_S = 1800
+
+
+def _process_group():
+    """The default process group when the command runs under ``torchrun`` with more than one
+    process (``WORLD_SIZE`` > 1), initialised from torchrun's environment (gloo on CPU, nccl where
+    CUDA is available), every collective bounded by ``DISTRIBUTED_TIMEOUT_S``; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=DISTRIBUTED_TIMEOUT_S))
+    return torch.distributed.group.WORLD
+
+
+def _circuits(args, parser, start: float, group=None) -> int:
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    world = 1 if group is None else torch.distributed.get_world_size(group)
+    if rank != 0:  # every rank measures its share of the layers; rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
     weights = _load(args)
     rank_bound = min(weights.d_head, weights.d_vocab)
     if args.top_k is None:
@@ -351,21 +378,18 @@ def _circuits(args, parser, start: float) -> int:
     loaded = time.perf_counter()
     peak_load, rss_loaded = memory.peak_rss(), memory.current_rss()
     peak_reset = rss_loaded is not None and memory.reset_peak()
-    print(f"model: {weights.source}", file=sys.stderr)
-    kv = f" sharing {weights.n_kv_heads} key/value heads" if weights.group > 1 else ""
-    print(f"  {checkpoints.LAYOUT_NAMES[weights.layout]} layout, {weights.n_layers} layers x {weights.n_heads} "
-          f"heads{kv} (from {weights.n_heads_source}), d_model {weights.d_model}, d_head {weights.d_head}, "
-          f"d_vocab {weights.d_vocab}, {'tied' if weights.tied else 'separate'} unembedding, {args.dtype}, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    if rank == 0:
+        _describe(weights, args, world)
 
     progress = _Progress(weights.n_layers, enabled=not args.no_progress)
     where = f"{weights.source}: " if weights.layout != "random" else ""
     scores = None
     try:
-        measured = analysis.analyze(weights, on_layer=progress, directions=args.directions, tokens=args.tokens)
+        measured = analysis.analyze(weights, on_layer=progress, directions=args.directions, tokens=args.tokens,
+                                    group=group)
         progress.close()
         analysed = time.perf_counter()
-        if args.composition:
+        if args.composition and rank == 0:
             scores = composition.composition(weights)
     except (ValueError, NonFiniteResultError) as err:
         raise _CommandFailure(f"{where}{err}") from None
@@ -373,6 +397,24 @@ def _circuits(args, parser, start: float) -> int:
         raise _CommandFailure(f"{where}cannot be read ({err.strerror or err}).") from None
     finally:
         progress.close()
+    if rank != 0:
+        return 0
+    return _write(args, weights, measured, scores, start, loaded, analysed, peak_load, rss_loaded, peak_reset, world)
+
+
+def _describe(weights, args, world: int) -> None:
+    print(f"model: {weights.source}", file=sys.stderr)
+    kv = f" sharing {weights.n_kv_heads} key/value heads" if weights.group > 1 else ""
+    print(f"  {checkpoints.LAYOUT_NAMES[weights.layout]} layout, {weights.n_layers} layers x {weights.n_heads} "
+          f"heads{kv} (from {weights.n_heads_source}), d_model {weights.d_model}, d_head {weights.d_head}, "
+          f"d_vocab {weights.d_vocab}, {'tied' if weights.tied else 'separate'} unembedding, {args.dtype}, "
+          f"{torch.get_num_threads()} threads" + (f" x {world} processes (torchrun)" if world > 1 else ""),
+          file=sys.stderr)
+
+
+def _write(args, weights, measured, scores, start, loaded, analysed, peak_load, rss_loaded, peak_reset,
+           world: int) -> int:
+    """Rank 0's part: the outputs, moved into place, and the closing lines."""
     composed = time.perf_counter()
     peak_analysis = memory.peak_rss()
 
@@ -391,7 +433,9 @@ def _circuits(args, parser, start: float) -> int:
         "weight_bytes": weights.nbytes,
     }
     settings = {"top_k": args.top_k, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                "directions": args.directions, "tokens": args.tokens, "composition": args.composition}
+                "directions": args.directions, "tokens": args.tokens, "composition": args.composition,
+                "world_size": world,
+                "layers_by_rank": {str(r): layers for r, layers in analysis.LAST_LAYERS_BY_RANK.items()}}
 
     staging = None
     try:
