@@ -13,9 +13,9 @@ at GPT-2's vocabulary) and ``(50257, 768)`` (GPT-2 small's ``W_E``), float32, sp
 
 Bytes are *counted* by :func:`lowrank_op.distributed.count_bytes` (the payload each rank
 contributes to every collective, summed over ranks), beside the bytes that gathering ``X`` onto
-every rank would move (``(P - 1) n m 4``: the replicate-then-factorise route, as a ``Shard(0)``
-DTensor redistributed to ``Replicate()`` for a dense ``torch.linalg.qr``; computed from the
-shape, not measured). With one process the collectives run on a group of one: their counted
+every rank would move (``(P - 1) n m 4``: DTensor's own ``torch.linalg.qr`` of a ``Shard(0)``
+DTensor returns ``Replicate()`` ``Q`` and ``R`` (torch 2.13, 2 gloo processes), having replicated
+its input; computed from the shape, not counted). With one process the collectives run on a group of one: their counted
 payload crosses nothing.
 Time: each rank's wall time of the call (after a barrier; median of 3 calls, the slowest rank),
 with 1, 2 and 4 processes on this machine's 2 cores. Several processes on 2 cores share them, so
