@@ -287,12 +287,14 @@ class CircuitReport:
     """Measurements of every head's OV and QK circuits; leading shape (n_layers, n_heads).
 
     ``directions``: the OV circuits' top singular directions and their tokens
-    (:mod:`lowrank_op.circuits.directions`), when asked for.
+    (:mod:`lowrank_op.circuits.directions`), when asked for. ``layers_by_rank``: which layers each
+    rank of a process group measured (``{0: every layer}`` without one).
     """
 
     ov: CircuitMetrics
     qk: CircuitMetrics
     directions: Directions | None = None
+    layers_by_rank: dict[int, list[int]] | None = None
 
 
 #: What each circuit is made of: its title, its factors' names, and the weights that go into it.
@@ -365,11 +367,6 @@ def _sources(weights: AttentionWeights, name: str, layer: int | None) -> str:
     if layer is None:
         symbols = tuple(s for s in symbols if s in ("W_E", "W_U"))
     return ", ".join(dict.fromkeys(f"`{_tensor_name(weights, s, layer)}`" for s in symbols))
-
-
-#: The layers each rank measured in the last :func:`analyze` call: ``{rank: [layers]}`` (``{0: all}``
-#: without a process group); the command records it in circuits.json.
-LAST_LAYERS_BY_RANK: dict[int, list[int]] = {}
 
 
 def _measure_batch(weights: AttentionWeights, reductions: dict, layers: slice, directions: int,
@@ -489,7 +486,7 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
         (:func:`lowrank_op.distributed.sharded_outer_reduction`: only ``d_model x d_model``
         blocks cross ranks), the batches of layers are dealt out to the ranks in turn, and every
         rank gets the whole report. Every rank must hold the same weights. The layers each rank
-        measured are in :data:`LAST_LAYERS_BY_RANK` after the call.
+        measured are in the report's ``layers_by_rank``.
 
     Returns
     -------
@@ -560,11 +557,10 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
         measured, failure = _gather_batches(measured, failure, group)
         if failure is not None:
             raise failure
-    LAST_LAYERS_BY_RANK.clear()
-    LAST_LAYERS_BY_RANK.update({r: [layer for i in range(r, len(batches), world)
-                                    for layer in range(batches[i].start, batches[i].stop)] for r in range(world)})
+    by_rank = {r: [layer for i in range(r, len(batches), world) for layer in range(batches[i].start, batches[i].stop)]
+               for r in range(world)}
     parts = [measured[i] for i in range(len(batches))]
     results = {"ov": [p[0] for p in parts], "qk": [p[1] for p in parts]}
     found = [d for p in parts for d in p[2]]
     return CircuitReport(ov=_concat(results["ov"]), qk=_concat(results["qk"]),
-                         directions=Directions.cat(found) if found else None)
+                         directions=Directions.cat(found) if found else None, layers_by_rank=by_rank)

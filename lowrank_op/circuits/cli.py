@@ -435,7 +435,7 @@ def _write(args, weights, measured, scores, start, loaded, analysed, peak_load, 
     settings = {"top_k": args.top_k, "dtype": args.dtype, "threads": torch.get_num_threads(),
                 "directions": args.directions, "tokens": args.tokens, "composition": args.composition,
                 "world_size": world,
-                "layers_by_rank": {str(r): layers for r, layers in analysis.LAST_LAYERS_BY_RANK.items()}}
+                "layers_by_rank": {str(r): layers for r, layers in measured.layers_by_rank.items()}}
 
     staging = None
     try:
