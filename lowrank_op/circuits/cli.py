@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
             "W_E W_Q W_K^T W_E^T (d_vocab x d_vocab, kept factored: nothing that size is formed) and "
             "report their Frobenius norm, top singular values, entropy effective rank, and the share of "
             "eigenvalue mass that is positive (the OV copying score). Without --weights, a seeded random "
-            "model with GPT-2 small's shapes is used."
+            "model with GPT-2 small's shapes is used. Under torchrun (torchrun --nproc-per-node N -m "
+            "lowrank_op circuits ...) the ranks share the work and rank 0 writes the report."
         ),
     )
     c.add_argument("--weights", type=Path, metavar="FILE",
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, help=f"seed of the random model (default: {DEFAULT_SEED}); not with --weights")
     c.add_argument("--random-shape", type=_random_shape, metavar="PRESET|L,H,D_MODEL,D_VOCAB",
                    help="shape of the random model instead of GPT-2 small's: a preset ("
-                        + ", ".join(f"{name}: {_preset_text(shape)}" for name, shape in checkpoints.RANDOM_PRESETS.items())
+                        + "; ".join(f"{name}: {_preset_text(shape)}" for name, shape in checkpoints.RANDOM_PRESETS.items())
                         + ") or four numbers, tied embeddings; not with --weights")
     c.add_argument("--directions", type=_count, default=directions.DEFAULT_DIRECTIONS, metavar="N",
                    help=f"per head, the top N singular directions of the OV circuit and the tokens each reads "
