@@ -373,7 +373,8 @@ def _measure_batch(weights: AttentionWeights, reductions: dict, layers: slice, d
                    tokens: int) -> tuple[CircuitMetrics, CircuitMetrics, list[Directions]]:
     """One batch of layers: its OV and QK metrics and, with ``directions``, each layer's directions."""
     part = weights.read(layers.start, layers.stop)
-    require_finite_weights(weights, part, layers.start)
+    if not weights.finite_checked:
+        require_finite_weights(weights, part, layers.start)
     ov, qk = (_measure_layers(weights, name, reductions[name], layers, part) for name in ("ov", "qk"))
     found = []
     if directions:  # a layer at a time: the lifted vectors are d_vocab x (n_heads directions) per call
@@ -495,7 +496,8 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     Raises
     ------
     ValueError
-        When a weight holds NaN or infinity (:func:`require_finite_weights`).
+        When a weight holds NaN or infinity (:func:`require_finite_weights`; a checkpoint's
+        loader raises CheckpointError, a ValueError, as it reads the tensor instead).
     NonFiniteResultError
         When finite weights give a reduced factor, singular value or eigenvalue that is not finite
         (an overflow of the working precision); the message names the layer (where there is one),
@@ -526,7 +528,8 @@ def analyze(weights: AttentionWeights, on_layer: Callable[[int], None] | None = 
     ``n_heads x d_vocab x d_head`` is allocated. ``R_E``, ``R_U`` and ``G`` stay in the shared
     cache (:mod:`lowrank_op._cache`) while the weights live.
     """
-    require_finite_weights(weights)
+    if not weights.finite_checked:  # a checkpoint's tensors were checked as they were read
+        require_finite_weights(weights)
     if group is not None:
         reductions = _sharded_reductions(weights, group)
         rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)

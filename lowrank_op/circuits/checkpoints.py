@@ -155,31 +155,6 @@ def _config_int(config: dict, path: Path | None, keys: tuple[str, ...]) -> int |
     return None
 
 
-def _require_finite(name: str, tensor: Tensor, source: Tensor | None = None) -> None:
-    """CheckpointError naming ``name`` unless every value of ``tensor`` is finite.
-
-    ``source`` is the tensor as stored, when ``tensor`` is its cast: then a value finite in the file
-    but not after the cast is reported as an overflow of the computation dtype.
-    """
-    if bool(torch.isfinite(tensor).all()):
-        return
-    if source is not None:
-        largest = float(source.abs().max())
-        raise CheckpointError(
-            f"tensor `{name}` ({str(source.dtype).removeprefix('torch.')}) holds values up to {largest:.3g} "
-            f"in magnitude, which overflow {str(tensor.dtype).removeprefix('torch.')} (largest "
-            f"{torch.finfo(tensor.dtype).max:.3g}); compute in float64 (--dtype float64)."
-        )
-    bad = ~torch.isfinite(tensor)
-    first = tuple(int(i) for i in bad.nonzero()[0])
-    nan = int(tensor.isnan().sum())
-    raise CheckpointError(
-        f"tensor `{name}` holds {int(bad.sum())} non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
-        f"infinite; the first at index {first}); the circuits of such weights are undefined. Fix or "
-        "re-export the checkpoint."
-    )
-
-
 def _check_shape(name: str, got: tuple, want: tuple, meaning: str) -> None:
     if tuple(got) != tuple(want):
         raise CheckpointError(f"tensor `{name}` has shape {tuple(got)}; expected {tuple(want)} ({meaning}).")
@@ -205,7 +180,7 @@ class CheckpointLayers:
     def read(self, start: int, stop: int) -> LayerWeights:
         parts: list[tuple[Tensor, ...]] = []
         for i in range(start, min(stop, self.n_layers)):
-            tensors = [_get_checked(self.container, name, self.dtype) for name in self.names[i]]
+            tensors = [self.container.get(name, self.dtype) for name in self.names[i]]
             parts.append(layouts.split_heads(self.layout, tensors, self.n_heads, self.n_kv_heads))
         if not parts:
             empty = StackedLayers(*(torch.empty(0, *shape, dtype=self.dtype) for shape in self._shapes())).read(0, 0)
@@ -215,14 +190,6 @@ class CheckpointLayers:
     def _shapes(self):
         H, H_kv, d, k = self.n_heads, self.n_kv_heads, self.d_model, self.d_head
         return [(H, d, k), (H_kv, d, k), (H_kv, d, k), (H, k, d)]
-
-
-def _get_checked(container, name: str, dtype: torch.dtype) -> Tensor:
-    stored, tensor = container.get(name, dtype)
-    _require_finite(name, stored)
-    if tensor is not stored:
-        _require_finite(name, tensor, source=stored)
-    return tensor
 
 
 # --- Reading a checkpoint -------------------------------------------------------------------------
@@ -299,8 +266,8 @@ def load(path: str | Path, n_heads: int | None = None, dtype: torch.dtype = torc
 
 class _GGUFTensors:
     """A :class:`~lowrank_op.circuits.gguf_format.GGUFCheckpoint` seen as the loader sees a
-    safetensors checkpoint: names, shapes, a dtype name per tensor, ``get`` dequantized (and
-    checked finite by the GGUF reader itself)."""
+    safetensors checkpoint: names, shapes, a dtype name per tensor, ``get`` dequantized and
+    checked finite (by the GGUF reader itself)."""
 
     def __init__(self, gguf):
         self.gguf = gguf
@@ -315,9 +282,8 @@ class _GGUFTensors:
     def dequantizes(self, name: str) -> bool:
         return True  # open_gguf refuses circuit tensors of a type it cannot dequantize
 
-    def get(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        tensor = self.gguf.get(name, dtype)
-        return tensor, tensor
+    def get(self, name: str, dtype: torch.dtype) -> Tensor:
+        return self.gguf.get(name, dtype)
 
 
 #: The name the command and the tests have used for :func:`load`.
@@ -354,8 +320,8 @@ def _assemble(container, layout: Layout, prefix: str, path: Path, heads, dtype: 
         if kind not in WEIGHT_DTYPES and not getattr(container, "dequantizes", lambda n: False)(name):
             raise CheckpointError(f"tensor `{name}` has dtype {kind}; expected a real floating dtype "
                                   f"({', '.join(WEIGHT_DTYPES)}).")
-    W_E = _get_checked(container, embed, dtype)
-    W_U = _get_checked(container, unembed, dtype).T.contiguous() if unembed is not None else W_E.T
+    W_E = container.get(embed, dtype)
+    W_U = container.get(unembed, dtype).T.contiguous() if unembed is not None else W_E.T
     source = CheckpointLayers(container, layout, layer_names, H, H_kv, d_model, d_head, dtype)
     templates = [prefix + t for t in layout.attention]
     tensor_names = {"W_E": embed, "W_U": unembed or embed}
@@ -370,6 +336,7 @@ def _assemble(container, layout: Layout, prefix: str, path: Path, heads, dtype: 
     return AttentionWeights(
         W_E=W_E, W_U=W_U, layers=source, layout=layout.key, source=str(path), tied=unembed is None,
         n_heads_source=n_heads_source, tensor_names=tensor_names, vocab=vocab, rotary=layout.rotary,
+        finite_checked=True,  # every tensor is checked finite as the container reads it
     )
 
 

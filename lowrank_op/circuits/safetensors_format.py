@@ -156,6 +156,31 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
 
 
 
+def _require_finite(name: str, tensor: Tensor, source: Tensor | None = None) -> None:
+    """CheckpointError naming ``name`` unless every value of ``tensor`` is finite.
+
+    ``source`` is the tensor as stored, when ``tensor`` is its cast: then a value finite in the file
+    but not after the cast is reported as an overflow of the computation dtype.
+    """
+    if bool(torch.isfinite(tensor).all()):
+        return
+    if source is not None:
+        largest = float(source.abs().max())
+        raise CheckpointError(
+            f"tensor `{name}` ({str(source.dtype).removeprefix('torch.')}) holds values up to {largest:.3g} "
+            f"in magnitude, which overflow {str(tensor.dtype).removeprefix('torch.')} (largest "
+            f"{torch.finfo(tensor.dtype).max:.3g}); compute in float64 (--dtype float64)."
+        )
+    bad = ~torch.isfinite(tensor)
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    nan = int(tensor.isnan().sum())
+    raise CheckpointError(
+        f"tensor `{name}` holds {int(bad.sum())} non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
+        f"infinite; the first at index {first}); the circuits of such weights are undefined. Fix or "
+        "re-export the checkpoint."
+    )
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The safetensors checkpoint ``path`` names: a ``.safetensors`` file, an index
     (``*.safetensors.index.json``), or a directory holding ``model.safetensors`` or
@@ -255,12 +280,9 @@ class SafetensorsCheckpoint:
     def dtype_name(self, name: str) -> str:
         return self.entries[name].dtype
 
-    def config_dir(self) -> Path:
-        return self.path.parent
-
-    def get(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(stored, converted)``: the tensor as stored and cast to ``dtype`` (the same object when
-        the dtype already matches)."""
+    def get(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The tensor cast to ``dtype``, checked finite as stored and after the cast
+        (:func:`_require_finite`)."""
         shard = self._shard[name]
         safe_open, SafetensorError = _import_safetensors()
         try:
@@ -270,7 +292,11 @@ class SafetensorsCheckpoint:
         except SafetensorError as err:  # a header this module accepts but safetensors does not (e.g. overlaps)
             where = f" {shard.name}" if shard != self.path else ""
             raise CheckpointError(f"safetensors cannot read the file{where}: {err}.") from None
-        return stored, stored.to(dtype)
+        _require_finite(name, stored)
+        tensor = stored.to(dtype)
+        if tensor is not stored:
+            _require_finite(name, tensor, source=stored)
+        return tensor
 
     def close(self) -> None:
         for handle in self._open.values():

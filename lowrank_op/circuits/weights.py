@@ -135,6 +135,9 @@ class AttentionWeights:
     rotary : bool
         Whether the model applies rotary position embeddings to queries and keys (the QK circuit
         reported is then the position-free ``W_E W_Q W_K^T W_E^T``, as TransformerLens's).
+    finite_checked : bool
+        Every tensor is checked for NaN and infinity as it is read (a checkpoint's loader does so),
+        so :func:`lowrank_op.circuits.analysis.analyze` does not check them again.
     """
 
     W_E: Tensor
@@ -147,6 +150,7 @@ class AttentionWeights:
     tensor_names: dict = field(default_factory=dict)
     vocab: list[str] | None = None
     rotary: bool = False
+    finite_checked: bool = False
 
     def __post_init__(self) -> None:
         d_vocab, d_model = self.W_E.shape
@@ -173,7 +177,10 @@ class AttentionWeights:
 
     def replace(self, **changes) -> AttentionWeights:
         """A copy with fields changed (``dataclasses.replace``); ``W_Q``, ``W_K``, ``W_V`` and ``W_O``
-        replace those of the layers, which are then held in memory (every layer read)."""
+        replace those of the layers, which are then held in memory (every layer read). New tensors
+        are not known to be finite: ``finite_checked`` becomes False unless given."""
+        if {"W_E", "W_U", "layers", "W_Q", "W_K", "W_V", "W_O"} & set(changes):
+            changes.setdefault("finite_checked", False)
         stacked = {k: changes.pop(k) for k in ("W_Q", "W_K", "W_V", "W_O") if k in changes}
         if stacked:
             current = self._all()
