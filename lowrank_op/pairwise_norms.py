@@ -148,7 +148,7 @@ def gram_pair_sq_norms(P: Tensor, Qt: Tensor, block: int | None = None) -> tuple
     block = settings.pairwise_gram_block.value() if block is None else block
     N_l, p, k = P.shape
     N_r, q, _ = Qt.shape
-    real = torch.empty((), dtype=P.dtype).real.dtype
+    real = kernels._real_dtype(P.dtype)
     sq_norms = torch.zeros(N_l, N_r, dtype=real, device=P.device)
     starts = range(0, k, block)
     # Without autograd the blocks are written into two buffers allocated once: a fresh allocation
@@ -199,7 +199,7 @@ def direct_pair_norms(P: Tensor, Qt: Tensor, rows: Tensor, cols: Tensor) -> Tens
         for s in range(0, rows.numel(), chunk)
     ]
     if not parts:
-        return P.new_zeros(0, dtype=torch.empty((), dtype=P.dtype).real.dtype)
+        return P.new_zeros(0, dtype=kernels._real_dtype(P.dtype))
     return torch.cat(parts)
 
 

@@ -135,6 +135,9 @@ USAGE_ERRORS = {
     "top-k-too-big": (["--random-shape", "1,2,8,20", "--top-k", "5"],
                       r"`--top-k` 5 exceeds the circuits' rank bound min\(d_head, d_vocab\) = 4"),
     "n-heads-without-weights": (["--n-heads", "4"], r"`--n-heads` applies to --weights only"),
+    "negative-directions": (["--directions", "-1"], r"argument --directions: must be a non-negative integer, got -1$"),
+    "text-directions": (["--directions", "three"], r"argument --directions: must be a non-negative integer, got 'three'$"),
+    "zero-tokens": (["--tokens", "0"], r"argument --tokens: must be a positive integer, got 0$"),
 }
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
 from lowrank_op.circuits.directions import DEFAULT_TOKENS, Directions, top_directions
-from lowrank_op.circuits.weights import AttentionWeights, LayerWeights, grouped
+from lowrank_op.circuits.weights import AttentionWeights, LayerWeights, grouped, ungrouped
 from lowrank_op.errors import NonFiniteResultError
 from lowrank_op.factored import FactoredMatrix
 from lowrank_op.outer_factored import OuterFactoredMatrix
@@ -441,11 +441,8 @@ def _concat(parts: list[CircuitMetrics]) -> CircuitMetrics:
 
 
 def _heads(metrics: CircuitMetrics) -> CircuitMetrics:
-    """Metrics of leading shape (n, n_kv, group) as (n, n_heads): query head ``kv * group + g``."""
-    def flat(t: Tensor) -> Tensor:
-        n, n_kv, group = t.shape[:3]
-        return t.reshape(n, n_kv * group, *t.shape[3:])
-    return CircuitMetrics(*(flat(getattr(metrics, f)) for f in CircuitMetrics.__dataclass_fields__))
+    """Metrics of leading shape (n, n_kv, group) as (n, n_heads) (:func:`~lowrank_op.circuits.weights.ungrouped`)."""
+    return CircuitMetrics(*(ungrouped(getattr(metrics, f)) for f in CircuitMetrics.__dataclass_fields__))
 
 
 def _measure_layers(weights: AttentionWeights, name: str, reduction: shared_bases.OuterReduction,

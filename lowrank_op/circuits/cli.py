@@ -36,14 +36,19 @@ DEFAULT_SEED = 0
 EXIT_FAILURE = 1
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, minimum: int, kind: str) -> int:
+    """``int(text)``, at least ``minimum``; else an argparse error saying it must be a ``kind`` integer."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a {kind} integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a {kind} integer, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "positive")
 
 
 RANDOM_SHAPE_FIELDS = ("n_layers", "n_heads", "d_model", "d_vocab")
@@ -70,13 +75,7 @@ def _random_shape(text: str) -> dict:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+    return _integer(text, 0, "non-negative")
 
 
 def _preset_text(shape: dict) -> str:

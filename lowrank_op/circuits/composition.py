@@ -53,8 +53,9 @@ def composition(weights: AttentionWeights) -> dict[str, Tensor]:
     for ``N`` heads (:func:`lowrank_op.composition_scores`, ``method="auto"``).
     """
     part = weights.read(0, weights.n_layers)
-    ov = FactoredMatrix(*grouped(part, weights.group)["ov"])
-    W_Q, W_K_T = grouped(part, weights.group)["qk"]
+    factors = grouped(part, weights.group)
+    ov = FactoredMatrix(*factors["ov"])
+    W_Q, W_K_T = factors["qk"]
     rights = {"q": FactoredMatrix(W_Q, W_K_T), "k": FactoredMatrix(W_K_T.mT, W_Q.mT), "v": ov}
     L, H = weights.n_layers, weights.n_heads
     return {mode: composition_scores(ov, right).reshape(L, H, L, H) for mode, right in rights.items()}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
+from lowrank_op.circuits.weights import ungrouped
 from lowrank_op.shared_bases import OuterReduction
 
 #: Directions reported per head unless ``--directions`` says otherwise.
@@ -64,10 +65,8 @@ class Directions:
         return Directions(*(torch.cat([getattr(p, f) for p in parts]) for f in Directions.__dataclass_fields__))
 
     def flat_heads(self) -> Directions:
-        """Leading dims (n, n_kv, group) as (n, n_heads)."""
-        def flat(t: Tensor) -> Tensor:
-            return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
-        return Directions(*(flat(getattr(self, f)) for f in Directions.__dataclass_fields__))
+        """Leading dims (n, n_kv, group) as (n, n_heads) (:func:`~lowrank_op.circuits.weights.ungrouped`)."""
+        return Directions(*(ungrouped(getattr(self, f)) for f in Directions.__dataclass_fields__))
 
 
 def _lift(outer: Tensor, triangular: Tensor, Z: Tensor, upper: bool) -> Tensor:

@@ -238,6 +238,12 @@ def grouped(layer: LayerWeights, group: int) -> dict[str, tuple[Tensor, Tensor]]
     return {"ov": (layer.W_V[:, :, None], W_O), "qk": (W_Q, layer.W_K[:, :, None].mT)}
 
 
+def ungrouped(t: Tensor) -> Tensor:
+    """A result of leading shape (n, n_kv, group, ...) as (n, n_heads, ...), in query-head order
+    (query head ``kv * group + g`` from ``[:, kv, g]``): the inverse of :func:`grouped`'s pairing."""
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+
 # --- The built-in random models -------------------------------------------------------------------
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
