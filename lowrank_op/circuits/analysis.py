@@ -395,10 +395,8 @@ def _sharded_reductions(weights: AttentionWeights, group) -> dict[str, shared_ba
     if weights.d_vocab <= weights.d_model:
         return {name: shared_bases.reduce_outer(*_outer(weights, name)) for name in ("ov", "qk")}
     rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    rows = torch.tensor_split(torch.arange(weights.d_vocab), world)[rank]
-    start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
-    W_E = weights.W_E[start:stop]
-    W_U = W_E.mT if weights.tied else weights.W_U[:, start:stop]
+    W_E = torch.tensor_split(weights.W_E, world)[rank]  # this rank's rows (views)
+    W_U = W_E.mT if weights.tied else torch.tensor_split(weights.W_U, world, dim=1)[rank]  # the same split
     with torch.no_grad():
         return {"ov": distributed.sharded_outer_reduction(W_E, W_U, group),
                 "qk": distributed.sharded_outer_reduction(W_E, W_E.mT, group)}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lowrank_op import kernels, shared_bases
+from lowrank_op._products import fold_matmul
 from lowrank_op.circuits.weights import ungrouped
 from lowrank_op.shared_bases import OuterReduction
 
@@ -70,17 +71,14 @@ class Directions:
 
 
 def _lift(outer: Tensor, triangular: Tensor, Z: Tensor, upper: bool) -> Tensor:
-    """``outer @ inv(triangular) @ Z`` for every column of ``Z`` (..., p, c) at once: (..., n, c).
+    """``outer @ inv(triangular) @ Z`` for every column of ``Z`` (..., p, c) at once: (..., n, c),
+    one GEMM for all of them (:func:`lowrank_op._products.fold_matmul`).
 
     ``outer`` (n, p) is tall and ``triangular`` (p, p) its R (``upper``) or R^H; with a non-tall
     outer factor (no basis) ``Z`` is returned as it is, being already ``n``-dimensional."""
     if outer.shape[-2] <= outer.shape[-1]:
         return Z
-    lead = Z.shape[:-2]
-    cols = Z.movedim(-1, 0).reshape(-1, Z.shape[-2]).mT  # (p, all columns)
-    solved = torch.linalg.solve_triangular(triangular, cols, upper=upper)
-    lifted = outer @ solved  # (n, all columns)
-    return lifted.mT.reshape(Z.shape[-1], *lead, outer.shape[-2]).movedim(0, -1)
+    return fold_matmul(outer, torch.linalg.solve_triangular(triangular, Z, upper=upper))
 
 
 def _orthonormal(V: Tensor) -> Tensor:
@@ -94,8 +92,7 @@ def _lift_side(outer: Tensor, triangular: Tensor, upper: bool, Z: Tensor) -> Ten
     """:func:`_lift`, through the cached basis' ``Q`` where the triangular solve lost orthonormality."""
     V = _lift(outer, triangular, Z, upper)
     if outer.shape[-2] > outer.shape[-1] and not bool(_orthonormal(V).all()):
-        Q = shared_bases.basis(outer, want_q=True).Q  # outer = Q R: the well-conditioned route
-        V = (Q @ Z.movedim(-1, 0).reshape(-1, Z.shape[-2]).mT).mT.reshape(Z.shape[-1], *Z.shape[:-2], -1).movedim(0, -1)
+        V = fold_matmul(shared_bases.basis(outer, want_q=True).Q, Z)  # outer = Q R: the well-conditioned route
     return V
 
 
