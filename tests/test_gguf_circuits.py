@@ -115,3 +115,11 @@ def test_byte_level_vocabulary_is_decoded_by_the_files_own_word(tmp_path):
     weights = load(write_gguf(tmp_path / "bpe.gguf", metadata, stored))
     assert weights.vocab[:4] == [display_token(t, byte_level=True) for t in tokens[:4]]
     assert weights.vocab[0] == " the" and weights.vocab[2] == "hello"
+
+
+def test_n_heads_flag_must_agree_with_the_gguf_metadata(tmp_path):
+    metadata, stored, _ = llama_parts(**SHAPE)
+    path = write_gguf(tmp_path / "tiny.gguf", metadata, stored)
+    with pytest.raises(ValueError, match=r"`n_heads` \(--n-heads\) is 3 but the GGUF metadata says 4; drop the flag"):
+        load(path, n_heads=3)
+    assert load(path, n_heads=4).n_heads == 4

@@ -212,3 +212,15 @@ def test_layouts_table_covers_every_layout():
     assert set(layouts.LAYOUT_NAMES) == {"gpt2", "bert", "llama", "neox", "gguf", "random"}
     with pytest.raises(CheckpointError, match="more than one embedding"):
         layouts.detect_layout({"wte.weight", "model.embed_tokens.weight"})
+
+
+def test_head_dim_config_needs_the_number_of_heads(tmp_path):
+    # head_dim x num_attention_heads != d_model (Gemma-like): the count comes from the config only.
+    path, _ = tiny_checkpoint(tmp_path, "llama", n_heads=4, n_kv_heads=2, d_head=6)
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"`n_heads` \(--n-heads\) is 2 but .*config.json says 4; drop the flag"):
+        load(path, n_heads=2)
+    del config["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json gives `head_dim` but no `num_attention_heads`; add it"):
+        load(path)
